@@ -1,0 +1,264 @@
+"""TOML recipes → validated pydantic objects. Nothing runs until a recipe validates fully."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import FerError
+from .registry import Registry, get_registry
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Component(BaseModel):
+    """A table naming a plugin; the other keys are that plugin's parameters."""
+
+    model_config = ConfigDict(extra="allow")
+    plugin: str
+
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def spec(self) -> dict[str, Any]:
+        return {"plugin": self.plugin, **self.params()}
+
+
+class DataSection(Component):
+    """Dataset plugin params plus the core's own data options (these names are reserved)."""
+
+    train_split: str = "train"
+    val_split: str = "val"
+    #: stratified hold-out taken from the training split when the dataset has no `val_split`
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    #: skip and count missing/unreadable images instead of stopping with the list of them
+    skip_missing: bool = False
+    #: keep at most this many training images per class (quick experiments); 0 = all
+    max_train_per_class: int = Field(0, ge=0)
+    #: decode every image once into memory (small datasets: no JPEG decoding per epoch)
+    cache_images: bool = False
+
+
+class ModelSection(_Strict):
+    backbone: Component
+    heads: dict[str, Component] = Field(default_factory=lambda: {"emotion": Component(plugin="linear")})
+
+    @field_validator("heads")
+    @classmethod
+    def _needs_emotion(cls, v: dict[str, Component]) -> dict[str, Component]:
+        if "emotion" not in v:
+            raise ValueError("an 'emotion' head is required")
+        return v
+
+
+class TrainSection(_Strict):
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(0, ge=0)  # 0 = 2 × batch_size
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "mps"] | str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+    accumulate_steps: int = Field(1, ge=1)
+    clip_grad_norm: float = Field(0.0, ge=0)  # 0 = off
+    grad_checkpointing: bool = False
+    compile: bool = False
+    num_workers: int | Literal["auto"] = "auto"
+    pin_memory: bool | Literal["auto"] = "auto"
+    deterministic: bool = False
+    monitor: str = "macro_f1"  # validation metric that picks the best checkpoint
+    monitor_mode: Literal["max", "min"] = "max"
+    early_stopping_patience: int = Field(0, ge=0)  # epochs without improvement; 0 = off
+    threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch default
+
+
+class TrackingSection(Component):
+    plugin: str = "mlflow"
+    enabled: bool = True
+
+
+class PluginsSection(_Strict):
+    disable: list[str] = Field(default_factory=list)
+
+
+class Recipe(_Strict):
+    name: str = "experiment"
+    description: str = ""
+    data: DataSection
+    model: ModelSection
+    loss: Component = Field(default_factory=lambda: Component(plugin="cross_entropy"))
+    optimizer: Component = Field(default_factory=lambda: Component(plugin="adamw", lr=1e-3))
+    schedule: Component | None = None
+    augment: Component = Field(default_factory=lambda: Component(plugin="basic"))
+    batch_transforms: list[Component] = Field(default_factory=list)
+    callbacks: list[Component] = Field(default_factory=list)
+    train: TrainSection = Field(default_factory=TrainSection)
+    tracking: TrackingSection = Field(default_factory=TrackingSection)
+    plugins: PluginsSection = Field(default_factory=PluginsSection)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` → (["a","b","c"], value); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise FerError(f"override '{text}': expected key.path=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise FerError(f"override '{text}': empty key")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = copy.deepcopy(raw)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise FerError(f"override '{text}': '{part}' is not a table")
+            node = nxt
+        node[path[-1]] = value
+    return out
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FerError(f"{path}: recipe file not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise FerError(f"{path}: invalid TOML: {e}") from None
+
+
+def _describe(err: dict[str, Any], raw: dict[str, Any], model: type[BaseModel]) -> str:
+    loc = [str(x) for x in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        # suggest a sibling key of the table that rejected it
+        parent: Any = model
+        for part in loc[:-1]:
+            fields = getattr(parent, "model_fields", {})
+            f = fields.get(part)
+            parent = getattr(f, "annotation", None) if f else None
+        options = list(getattr(parent, "model_fields", {}) or [])
+        close = difflib.get_close_matches(loc[-1], options, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{key}: unknown key{hint}"
+    got = err.get("input")
+    return f"{key}: {err['msg']} (got {got!r})" if err["type"] != "missing" else f"{key}: required key is missing"
+
+
+def validate(raw: dict[str, Any], source: str, registry: Registry | None = None) -> Recipe:
+    """Validate structure, then every component table against its plugin's factory signature."""
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise FerError(f"{source}: {_describe(e.errors()[0], raw, Recipe)}") from None
+    reg = registry or get_registry(recipe.plugins.disable)
+    try:
+        check_components(recipe, reg)
+    except FerError as e:
+        raise FerError(f"{source}: {e}") from None
+    return recipe
+
+
+def check_components(recipe: Recipe, reg: Registry) -> None:
+    reg.get("dataset", recipe.data.plugin, "data").validate(recipe.data.params(), "data")
+    _check(reg, "backbone", recipe.model.backbone, "model.backbone")
+    for name, head in recipe.model.heads.items():
+        _check(reg, "head", head, f"model.heads.{name}")
+    _check(reg, "loss", recipe.loss, "loss")
+    _check(reg, "optimizer", recipe.optimizer, "optimizer")
+    if recipe.schedule is not None:
+        _check(reg, "scheduler", recipe.schedule, "schedule")
+    _check(reg, "augmenter", recipe.augment, "augment")
+    for i, bt in enumerate(recipe.batch_transforms):
+        _check(reg, "batch_transform", bt, f"batch_transforms[{i}]")
+    for i, cb in enumerate(recipe.callbacks):
+        _check(reg, "callback", cb, f"callbacks[{i}]")
+    if recipe.tracking.enabled:
+        params = {k: v for k, v in recipe.tracking.params().items()}
+        reg.get("callback", recipe.tracking.plugin, "tracking").validate(params, "tracking")
+
+
+def _check(reg: Registry, kind: str, comp: Component, where: str) -> None:
+    reg.get(kind, comp.plugin, where).validate(comp.params(), where)
+
+
+def load(path: Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
+    """Read, override and validate a recipe; returns (recipe, resolved raw dict)."""
+    raw = apply_overrides(read_toml(path), list(overrides))
+    recipe = validate(raw, str(path))
+    return recipe, resolved(recipe)
+
+
+def resolved(recipe: Recipe) -> dict[str, Any]:
+    """The full recipe with every default filled in: what gets saved with a run."""
+    return recipe.model_dump(mode="json", exclude_none=True)
+
+
+def dump_toml(data: dict[str, Any]) -> str:
+    """Minimal TOML writer for resolved recipes (tables, arrays of tables, scalars, lists)."""
+    lines: list[str] = []
+
+    def scalar(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{_key(k)} = {scalar(x)}" for k, x in v.items()) + " }"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def table(prefix: str, d: dict[str, Any]) -> None:
+        simple = {k: v for k, v in d.items() if not _is_table(v) and not _is_table_array(v)}
+        if prefix and (simple or not d):
+            lines.append(f"\n[{prefix}]")
+        for k, v in simple.items():
+            lines.append(f"{_key(k)} = {scalar(v)}")
+        for k, v in d.items():
+            if _is_table(v):
+                table(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
+            elif _is_table_array(v):
+                for item in v:
+                    lines.append(f"\n[[{prefix + '.' if prefix else ''}{_key(k)}]]")
+                    for k2, v2 in item.items():
+                        lines.append(f"{_key(k2)} = {scalar(v2)}")
+
+    table("", data)
+    return "\n".join(lines).lstrip("\n") + "\n"
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else scalar_str(k)
+
+
+def scalar_str(k: str) -> str:
+    return '"' + k.replace('"', '\\"') + '"'
+
+
+def _is_table(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_table_array(v: Any) -> bool:
+    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)

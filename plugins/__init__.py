@@ -1,0 +1,1 @@
+"""Built-in fer plugins; each module is registered through the fer.plugins entry-point group."""
