@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -186,11 +187,10 @@ def eval_transform(pre: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
 
     def transform(img: np.ndarray) -> torch.Tensor:
         if img.shape[0] != h or img.shape[1] != w:
-            mode = "L" if img.shape[2] == 1 else "RGB"
-            pil = Image.fromarray(img[:, :, 0] if mode == "L" else img, mode=mode)
-            img = np.asarray(pil.resize((w, h), Image.BILINEAR), dtype=np.uint8)
+            # cv2 INTER_LINEAR: the same resize albumentations' Resize uses in training
+            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
             img = img[:, :, None] if img.ndim == 2 else img
-        t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255.0)
         return (t - mean) / std
 
     return transform

@@ -177,27 +177,30 @@ def validate(raw: dict[str, Any], source: str, registry: Registry | None = None)
     return recipe
 
 
-def check_components(recipe: Recipe, reg: Registry) -> None:
-    reg.get("dataset", recipe.data.plugin, "data").validate(recipe.data.params(), "data")
-    _check(reg, "backbone", recipe.model.backbone, "model.backbone")
-    for name, head in recipe.model.heads.items():
-        _check(reg, "head", head, f"model.heads.{name}")
-    _check(reg, "loss", recipe.loss, "loss")
-    _check(reg, "optimizer", recipe.optimizer, "optimizer")
+def components(recipe: Recipe) -> list[tuple[str, Component, str]]:
+    """Every plugin table of a recipe as (kind, table, recipe path)."""
+    out: list[tuple[str, Component, str]] = [
+        ("dataset", recipe.data, "data"), ("backbone", recipe.model.backbone, "model.backbone")]
+    out += [("head", head, f"model.heads.{name}") for name, head in recipe.model.heads.items()]
+    out += [("loss", recipe.loss, "loss"), ("optimizer", recipe.optimizer, "optimizer")]
     if recipe.schedule is not None:
-        _check(reg, "scheduler", recipe.schedule, "schedule")
-    _check(reg, "augmenter", recipe.augment, "augment")
-    for i, bt in enumerate(recipe.batch_transforms):
-        _check(reg, "batch_transform", bt, f"batch_transforms[{i}]")
-    for i, cb in enumerate(recipe.callbacks):
-        _check(reg, "callback", cb, f"callbacks[{i}]")
+        out.append(("scheduler", recipe.schedule, "schedule"))
+    out.append(("augmenter", recipe.augment, "augment"))
+    out += [("batch_transform", bt, f"batch_transforms[{i}]") for i, bt in enumerate(recipe.batch_transforms)]
+    out += [("callback", cb, f"callbacks[{i}]") for i, cb in enumerate(recipe.callbacks)]
     if recipe.tracking.enabled:
-        params = {k: v for k, v in recipe.tracking.params().items()}
-        reg.get("callback", recipe.tracking.plugin, "tracking").validate(params, "tracking")
+        out.append(("callback", recipe.tracking, "tracking"))
+    return out
 
 
-def _check(reg: Registry, kind: str, comp: Component, where: str) -> None:
-    reg.get(kind, comp.plugin, where).validate(comp.params(), where)
+def check_components(recipe: Recipe, reg: Registry) -> None:
+    """Validate each table against its factory and fill in the plugin's defaults, so that the
+    saved recipe states every value the run used."""
+    from pydantic_core import to_jsonable_python
+
+    for kind, comp, where in components(recipe):
+        validated = reg.get(kind, comp.plugin, where).validate(comp.params(), where)
+        comp.__pydantic_extra__ = to_jsonable_python(validated)
 
 
 def load(path: Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:
@@ -208,7 +211,7 @@ def load(path: Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]
 
 
 def resolved(recipe: Recipe) -> dict[str, Any]:
-    """The full recipe with every default filled in: what gets saved with a run."""
+    """The full recipe with every default (core and plugin) filled in: what a run saves."""
     return recipe.model_dump(mode="json", exclude_none=True)
 
 
@@ -222,7 +225,7 @@ def dump_toml(data: dict[str, Any]) -> str:
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+            return _toml_str(v)
         if isinstance(v, list):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         if isinstance(v, dict):
@@ -249,11 +252,20 @@ def dump_toml(data: dict[str, Any]) -> str:
 
 
 def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else scalar_str(k)
+    return k if k and k.replace("_", "").replace("-", "").isascii() and k.replace("_", "").replace("-", "").isalnum() else _toml_str(k)
 
 
-def scalar_str(k: str) -> str:
-    return '"' + k.replace('"', '\\"') + '"'
+def _toml_str(v: str) -> str:
+    """A TOML basic string: quotes, backslashes and control characters escaped."""
+    out = []
+    for c in v:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or c == "\x7f":
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def _is_table(v: Any) -> bool:

@@ -103,6 +103,14 @@ class Registry:
                 version = dist.version if dist else "?"
                 impl.function(register=self._registrar(kind, impl.plugin_name, dname, version))
 
+    def add_plugin(self, plugin: object, name: str, distribution: str = "(runtime)") -> None:
+        """Register a plugin object at run time (notebooks, tests), like pytest's ``pm.register``."""
+        self.pm.register(plugin, name=name)
+        for kind, hook in KINDS.items():
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                if impl.plugin is plugin:
+                    impl.function(register=self._registrar(kind, name, distribution, "?"))
+
     def _registrar(self, kind: str, plugin: str, dist: str, version: str) -> Callable[..., None]:
         def register(name: str, factory: Callable[..., Any]) -> None:
             existing = self.components[kind].get(name)

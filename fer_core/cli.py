@@ -1,0 +1,173 @@
+"""The `fer` command. Errors the user can fix → exit code 2 and one line (traceback with --debug)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Optional
+
+# Nothing may download at run time: no hub retries, no albumentations version check.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import typer
+from rich.table import Table
+
+from .errors import FerError
+
+app = typer.Typer(
+    name="fer",
+    help="Train, evaluate and deploy facial-expression recognizers from one TOML recipe.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+_state = {"debug": False}
+
+Overrides = Annotated[
+    Optional[list[str]],
+    typer.Option("-o", "--override", help="Override a recipe value: key.path=value (TOML value), repeatable."),
+]
+
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+    _state["debug"] = debug
+
+
+@app.command()
+def run(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file.", show_default=False)] = None,
+    override: Overrides = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<name>-<time>).")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory.")] = None,
+) -> None:
+    """Train a recipe; writes recipe.toml, checkpoints and metrics.json into the run directory."""
+    from .console import metrics_tables, stdout
+    from .runner import train
+
+    if (recipe is None) == (resume is None):
+        raise FerError("give either a RECIPE file or --resume DIR")
+    out_dir, final = train(recipe, override or [], out, resume)
+    metrics_tables(final, title=f"best checkpoint (epoch {final['best_epoch']}) on validation")
+    stdout.print(f"run directory: {out_dir}  (metrics.json, best.pt, last.pt, recipe.toml)")
+
+
+@app.command("eval")
+def eval_(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: validation).")] = None,
+    override: Overrides = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this file.")] = None,
+) -> None:
+    """Evaluate a run's best checkpoint on a split of its dataset, or another (-o data.root=...)."""
+    from .checkpoint import atomic_write_json
+    from .console import metrics_tables
+    from .runner import evaluate
+
+    report = evaluate(run_dir, split, override or [])
+    metrics_tables(report, title=f"{run_dir} on '{report['split']}'")
+    if json_out:
+        atomic_write_json(json_out, report)
+
+
+@app.command()
+def data(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    override: Overrides = None,
+) -> None:
+    """Validate every label line and print per-split, per-class counts (and AU frequencies)."""
+    from .build import build_splits
+    from .console import stdout
+    from .recipe import apply_overrides, read_toml, validate
+    from .registry import get_registry
+
+    rec = validate(apply_overrides(read_toml(recipe), override or []), str(recipe))
+    reg = get_registry(rec.plugins.disable)
+    splits = build_splits(rec, reg)
+    from .build import build_source
+
+    source = build_source(rec, reg)
+    table = Table(title=f"{rec.data.plugin} dataset: {len(splits.classes)} classes")
+    table.add_column("class")
+    names = ["train (used)", "val (used)"] + sorted(source.splits)
+    for n in names:
+        table.add_column(n, justify="right")
+    counts = [Counter(s.label for s in splits.train), Counter(s.label for s in splits.val)]
+    counts += [Counter(s.label for s in source.splits[n]) for n in sorted(source.splits)]
+    for i, c in enumerate(splits.classes):
+        table.add_row(c, *[str(cnt.get(i, 0)) for cnt in counts])
+    table.add_row("[bold]total", *[str(sum(cnt.values())) for cnt in counts])
+    stdout.print(table)
+    if splits.au_names:
+        info = splits.task_info()
+        labelled = sum(1 for s in splits.train if s.au is not None)
+        au = Table(title=f"AU frequency in train ({labelled} images with AU labels)")
+        au.add_column("AU")
+        au.add_column("positives", justify="right")
+        au.add_column("rate", justify="right")
+        for name, pos in zip(splits.au_names, info.au_positive_counts):
+            au.add_row(name, str(pos), f"{pos / max(labelled, 1):.3f}")
+        stdout.print(au)
+    for note in splits.notes:
+        stdout.print(f"note: {note}")
+    if splits.skipped:
+        stdout.print(f"skipped {splits.skipped} missing/unreadable image(s)")
+    stdout.print("all label lines valid; all images present")
+
+
+@recipe_app.command("check")
+def recipe_check(
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    override: Overrides = None,
+    show: Annotated[bool, typer.Option("--show", help="Print the resolved recipe.")] = False,
+) -> None:
+    """Validate a recipe (structure and every plugin's parameters) without running anything."""
+    from .console import stdout
+    from .recipe import dump_toml, load
+
+    rec, raw = load(recipe, override or [])
+    if show:
+        stdout.print(dump_toml(raw), markup=False, highlight=False)
+    stdout.print(f"{recipe}: valid")
+
+
+@app.command()
+def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+    """List every registered component: kind, name, plugin, distribution and version."""
+    from .console import stdout
+    from .registry import get_registry
+
+    rows = get_registry().rows()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title="fer plugins")
+    for col in ("kind", "name", "plugin", "distribution", "version"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["kind"], r["name"], r["plugin"], r["distribution"], r["version"])
+    stdout.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except FerError as e:
+        if _state["debug"]:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

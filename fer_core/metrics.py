@@ -1,0 +1,67 @@
+"""One function from (labels, probabilities[, AU labels/probabilities]) to the metrics dict."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+
+
+def classification_metrics(
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    au_true: np.ndarray | None = None,
+    au_probs: np.ndarray | None = None,
+    au_mask: np.ndarray | None = None,
+    au_names: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Metrics of the schema written to metrics.json.
+
+    ``probs`` is N×C (any scores: argmax is the prediction). Classes absent from ``y_true``
+    still get a row (support 0) so that every run of a dataset has the same keys.
+    """
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(probs).argmax(axis=1)
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    present = sorted(set(y_true.tolist()))
+    out: dict[str, Any] = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        # macro over the classes present in y_true: a class with no support has no recall to average
+        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "num_samples": int(len(y_true)),
+        "classes": list(classes),
+        "per_class": {
+            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, name in enumerate(classes)
+        },
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+    }
+    if au_true is not None and au_probs is not None and len(au_names):
+        out.update(au_metrics(au_true, au_probs, au_mask, au_names))
+    return out
+
+
+def au_metrics(
+    au_true: np.ndarray, au_probs: np.ndarray, au_mask: np.ndarray | None, au_names: Sequence[str], threshold: float = 0.5
+) -> dict[str, Any]:
+    """Per-AU F1 over the samples that carry AU labels (mask 1), and their mean."""
+    au_true = np.asarray(au_true) > 0.5
+    au_pred = np.asarray(au_probs) >= threshold
+    mask = np.ones_like(au_true, dtype=bool) if au_mask is None else np.asarray(au_mask) > 0.5
+    per_au: dict[str, float] = {}
+    for k, name in enumerate(au_names):
+        m = mask[:, k]
+        if not m.any():
+            continue
+        per_au[name] = float(f1_score(au_true[m, k], au_pred[m, k], zero_division=0))
+    return {"au_f1": per_au, "au_mean_f1": float(np.mean(list(per_au.values()))) if per_au else 0.0}

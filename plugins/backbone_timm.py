@@ -1,0 +1,95 @@
+"""Backbones from timm: any `timm.list_models()` name, pretrained from the hub or a local file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from fer_core.errors import FerError
+from fer_core.hookspecs import hookimpl
+from fer_core.interfaces import Backbone, Preprocessing
+
+
+class TimmBackbone(Backbone):
+    def __init__(self, model: torch.nn.Module, pre: Preprocessing) -> None:
+        super().__init__()
+        self.model = model
+        self.feature_dim = int(model.num_features)
+        self.preprocessing = pre
+        # patch-token models gain nothing from channels_last
+        self.prefers_channels_last = not hasattr(model, "patch_embed")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
+def _create(name: str, pretrained: bool, in_chans: int, drop_path_rate: float, file: str | None, seed: int) -> torch.nn.Module:
+    kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if file:
+        kwargs["pretrained_cfg_overlay"] = {"file": file}
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+
+
+def loaded_fraction(model: torch.nn.Module, reference: torch.nn.Module) -> float:
+    """Share of tensors that differ from an identically seeded random init, i.e. that loading set."""
+    ref = reference.state_dict()
+    items = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point() and k in ref]
+    changed = sum(not torch.equal(v, ref[k]) for k, v in items)
+    return changed / max(len(items), 1)
+
+
+def make_timm_backbone(
+    *,
+    name: str,
+    pretrained: bool | str = False,
+    input_size: int = 0,
+    in_chans: int = 3,
+    drop_path_rate: float = 0.0,
+) -> TimmBackbone:
+    """`pretrained`: false, true (from the hub, for connected machines) or a local weights file.
+
+    `input_size` 0 keeps the model's default; `in_chans` 1 trains on grayscale directly.
+    """
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        raise FerError(f"model.backbone.name: unknown timm model '{name}'" + (f"; similar: {', '.join(close)}" if close else ""))
+    file = None
+    if isinstance(pretrained, str):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FerError(f"model.backbone.pretrained: weights file '{pretrained}' not found")
+        file = str(path.resolve())
+    try:
+        model = _create(name, bool(pretrained), in_chans, drop_path_rate, file, seed=0)
+    except FerError:
+        raise
+    except Exception as e:
+        raise FerError(f"model.backbone: timm could not create '{name}' (pretrained={pretrained!r}): {e}") from None
+    if pretrained:
+        # timm may load a file with foreign key names without complaint; make sure it loaded
+        frac = loaded_fraction(model, _create(name, False, in_chans, drop_path_rate, None, seed=0))
+        if frac < 0.5:
+            raise FerError(
+                f"model.backbone.pretrained: '{pretrained}' set only {frac:.0%} of timm '{name}' weights; "
+                "the file's key layout does not match this model (a torchvision file needs the torchvision plugin)"
+            )
+    cfg = model.pretrained_cfg or {}
+    size = input_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    mean, std = tuple(cfg.get("mean", (0.485, 0.456, 0.406))), tuple(cfg.get("std", (0.229, 0.224, 0.225)))
+    if in_chans != len(mean):
+        mean, std = (sum(mean) / len(mean),) * in_chans, (sum(std) / len(std),) * in_chans
+    return TimmBackbone(model, Preprocessing(input_size=(size, size), channels=in_chans, mean=mean, std=std))
+
+
+@hookimpl
+def register_backbones(register):
+    register("timm", make_timm_backbone)

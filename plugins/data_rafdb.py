@@ -1,0 +1,111 @@
+"""Dataset reader ``rafdb``: RAF-DB (basic: 7 classes; compound: 11 classes) in its official layout.
+
+``root/EmoLabel/list_patition_label.txt`` (sic: the official file name is misspelt; the
+corrected spelling ``list_partition_label.txt`` is accepted too) has lines
+``train_00001.jpg 5`` / ``test_0001.jpg 3``; labels are 1-based. The split is the file-name
+prefix before the first ``_`` (``train`` / ``test``); RAF-DB has no validation split, so the core
+holds out ``data.val_fraction`` of ``train`` unless the recipe picks ``test``.
+Images: ``aligned = true`` → ``root/Image/aligned/<stem>_aligned.jpg``; otherwise
+``root/Image/original/<name>``. Blank lines are skipped; ``\\r\\n`` and runs of spaces are accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from fer_core.errors import FerError
+from fer_core.hookspecs import hookimpl
+from fer_core.interfaces import DataSource, Sample
+
+BASIC = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
+COMPOUND = [
+    "Happily Surprised",
+    "Happily Disgusted",
+    "Sadly Fearful",
+    "Sadly Angry",
+    "Sadly Surprised",
+    "Sadly Disgusted",
+    "Fearfully Angry",
+    "Fearfully Surprised",
+    "Angrily Surprised",
+    "Angrily Disgusted",
+    "Disgustedly Surprised",
+]
+LABEL_FILE = "list_patition_label.txt"  # sic
+LABEL_FILE_CORRECTED = "list_partition_label.txt"
+
+_INT = re.compile(r"-?[0-9]+")
+
+
+@hookimpl
+def register_datasets(register):
+    register("rafdb", make_rafdb_dataset)
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise FerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise FerError(f"cannot read {path}: {e.strerror}") from None
+    out = []
+    for n, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r").strip()
+        if line:
+            out.append((n, line))
+    return out
+
+
+def make_rafdb_dataset(
+    *,
+    root: str,
+    subset: Literal["basic", "compound"] = "basic",
+    aligned: bool = True,
+) -> DataSource:
+    root_dir = Path(os.path.abspath(Path(root).expanduser()))
+    if not root_dir.is_dir():
+        raise FerError(f"data root not found (or not a folder): {root_dir}")
+    if subset not in ("basic", "compound"):
+        raise FerError(f"rafdb dataset: subset must be 'basic' or 'compound', got {subset!r}")
+    classes = BASIC if subset == "basic" else COMPOUND
+    label_file = root_dir / "EmoLabel" / LABEL_FILE
+    if not label_file.is_file() and (root_dir / "EmoLabel" / LABEL_FILE_CORRECTED).is_file():
+        label_file = root_dir / "EmoLabel" / LABEL_FILE_CORRECTED
+    if not label_file.is_file():
+        raise FerError(f"RAF-DB label file not found: {label_file}")
+    image_dir = root_dir / "Image" / ("aligned" if aligned else "original")
+
+    k = len(classes)
+    expected = f"expected '<split>_<id>.jpg <label 1-{k}>' ({subset} subset)"
+    splits: dict[str, list[Sample]] = {}
+    seen: dict[str, int] = {}
+    for n, line in _read_lines(label_file):
+        parts = line.split()
+        if len(parts) != 2 or not _INT.fullmatch(parts[1]):
+            raise FerError(f"{label_file}:{n}: {expected}, got {line!r}")
+        name, raw = parts
+        label = int(raw)
+        if not 1 <= label <= k:
+            raise FerError(f"{label_file}:{n}: label {label} out of range; {expected}, got {line!r}")
+        split, sep, _ = name.partition("_")
+        if not sep or not split:
+            raise FerError(f"{label_file}:{n}: image name {name!r} has no '<split>_' prefix; {expected}")
+        if name in seen:
+            raise FerError(f"{label_file}:{n}: image '{name}' is listed twice (first on line {seen[name]})")
+        seen[name] = n
+        path = image_dir / (f"{Path(name).stem}_aligned.jpg" if aligned else name)
+        splits.setdefault(split, []).append(Sample(path=path, label=label - 1))
+    if not splits:
+        raise FerError(f"{label_file}: no labels; {expected}")
+
+    sizes = ", ".join(f"{s} {len(v)}" for s, v in splits.items())
+    return DataSource(
+        classes=list(classes),
+        splits=splits,
+        description=f"RAF-DB {subset} ({k} classes, {'aligned' if aligned else 'original'} images) "
+        f"under {root_dir}: {len(seen)} images ({sizes})",
+    )

@@ -1,0 +1,120 @@
+"""MLflow tracking as a callback: recipe, params, per-epoch metrics, confusion matrix, model.
+
+Any tracking URI works (a sqlite file by default, or an MLflow server). A run that raises is
+marked FAILED; a resumed fer run continues the same MLflow run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from fer_core.hookspecs import hookimpl
+from fer_core.interfaces import Callback, RunInfo
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                              check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class MlflowTracker(Callback):
+    def __init__(self, uri: str, experiment: str, run_name: str, log_model: bool) -> None:
+        self.uri = uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.log_model = log_model
+        self.client: Any = None
+        self.run_id: str | None = None
+
+    def _client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    def on_fit_start(self, run: RunInfo) -> None:
+        self.client = self._client()
+        self.run_id = run.state.get("mlflow_run_id")
+        if self.run_id:  # resumed fer run: continue its MLflow run
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        exp = self.client.get_experiment_by_name(self.experiment)
+        if exp is None:
+            artifact_location = None
+            if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database file
+                db = Path(self.uri.removeprefix("sqlite:///")).resolve()
+                artifact_location = (db.parent / "mlartifacts" / self.experiment).as_uri()
+            exp_id = self.client.create_experiment(self.experiment, artifact_location=artifact_location)
+        else:
+            exp_id = exp.experiment_id
+        tags = {"fer.run_dir": str(run.out_dir.resolve())}
+        commit = git_commit()
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+        for dist, version in run.plugin_versions.items():
+            tags[f"fer.plugin.{dist}"] = version
+        created = self.client.create_run(exp_id, run_name=self.run_name or run.out_dir.name, tags=tags)
+        self.run_id = created.info.run_id
+        run.state["mlflow_run_id"] = self.run_id
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in flatten(run.recipe).items()]
+        for i in range(0, len(params), 90):
+            self.client.log_batch(self.run_id, params=params[i:i + 90])
+        recipe_file = run.out_dir / "recipe.toml"
+        if recipe_file.is_file():
+            self.client.log_artifact(self.run_id, str(recipe_file))
+
+    def on_epoch_end(self, run: RunInfo, epoch: int, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()
+                                                    if k != "epoch"])
+
+    def on_fit_end(self, run: RunInfo, final: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        scalars = [Metric(f"final_{k}", float(v), ts, 0) for k, v in final.items() if isinstance(v, float)]
+        self.client.log_batch(self.run_id, metrics=scalars)
+        for name in ("metrics.json", "history.json", "confusion_matrix.png", "run.json"):
+            f = run.out_dir / name
+            if f.is_file():
+                self.client.log_artifact(self.run_id, str(f))
+        if self.log_model and (run.out_dir / "best.pt").is_file():
+            self.client.log_artifact(self.run_id, str(run.out_dir / "best.pt"), artifact_path="model")
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+    def on_exception(self, run: RunInfo, error: BaseException) -> None:
+        if self.client is not None and self.run_id:
+            status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+            self.client.set_tag(self.run_id, "fer.error", f"{type(error).__name__}: {error}"[:5000])
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def make_mlflow(*, uri: str = "sqlite:///mlflow.db", experiment: str = "fer", run_name: str = "",
+                log_model: bool = True) -> MlflowTracker:
+    """`uri`: any MLflow tracking URI (sqlite:///path.db, http://server:5000, ...)."""
+    return MlflowTracker(uri, experiment, run_name, log_model)
+
+
+@hookimpl
+def register_callbacks(register):
+    register("mlflow", make_mlflow)
