@@ -39,12 +39,18 @@ def _create(name: str, pretrained: bool, in_chans: int, drop_path_rate: float, f
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
-def loaded_fraction(model: torch.nn.Module, reference: torch.nn.Module) -> float:
-    """Share of tensors that differ from an identically seeded random init, i.e. that loading set."""
-    ref = reference.state_dict()
-    items = [(k, v) for k, v in model.state_dict().items() if v.is_floating_point() and k in ref]
-    changed = sum(not torch.equal(v, ref[k]) for k, v in items)
-    return changed / max(len(items), 1)
+def loaded_fraction(model: torch.nn.Module, init_a: torch.nn.Module, init_b: torch.nn.Module) -> float:
+    """Share of randomly initialised tensors that loading changed.
+
+    ``model`` and ``init_a`` were created with the same seed, ``init_b`` with another: tensors
+    that differ between the two inits are the random ones (constant inits such as BatchNorm's
+    are ignored); a tensor that loading set no longer equals ``init_a``.
+    """
+    a, b = init_a.state_dict(), init_b.state_dict()
+    random_keys = [k for k, v in a.items() if v.is_floating_point() and not torch.equal(v, b[k])]
+    got = model.state_dict()
+    changed = sum(not torch.equal(got[k], a[k]) for k in random_keys)
+    return changed / max(len(random_keys), 1)
 
 
 def make_timm_backbone(
@@ -76,7 +82,8 @@ def make_timm_backbone(
         raise FerError(f"model.backbone: timm could not create '{name}' (pretrained={pretrained!r}): {e}") from None
     if pretrained:
         # timm may load a file with foreign key names without complaint; make sure it loaded
-        frac = loaded_fraction(model, _create(name, False, in_chans, drop_path_rate, None, seed=0))
+        frac = loaded_fraction(model, _create(name, False, in_chans, drop_path_rate, None, seed=0),
+                               _create(name, False, in_chans, drop_path_rate, None, seed=1))
         if frac < 0.5:
             raise FerError(
                 f"model.backbone.pretrained: '{pretrained}' set only {frac:.0%} of timm '{name}' weights; "
