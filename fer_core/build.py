@@ -23,10 +23,11 @@ def build_source(recipe: Recipe, reg: Registry) -> DataSource:
     return reg.build("dataset", {"plugin": recipe.data.plugin, **recipe.data.params()}, "data")
 
 
-def build_splits(recipe: Recipe, reg: Registry, *, check_files: bool = True) -> Splits:
+def build_splits(recipe: Recipe, reg: Registry, *, check_files: bool = True,
+                 source: DataSource | None = None) -> Splits:
     d = recipe.data
     return make_splits(
-        build_source(recipe, reg),
+        source if source is not None else build_source(recipe, reg),
         train_split=d.train_split,
         val_split=d.val_split,
         val_fraction=d.val_fraction,

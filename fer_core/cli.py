@@ -83,17 +83,15 @@ def data(
     override: Overrides = None,
 ) -> None:
     """Validate every label line and print per-split, per-class counts (and AU frequencies)."""
-    from .build import build_splits
+    from .build import build_source, build_splits
     from .console import stdout
     from .recipe import apply_overrides, read_toml, validate
     from .registry import get_registry
 
     rec = validate(apply_overrides(read_toml(recipe), override or []), str(recipe))
     reg = get_registry(rec.plugins.disable)
-    splits = build_splits(rec, reg)
-    from .build import build_source
-
     source = build_source(rec, reg)
+    splits = build_splits(rec, reg, source=source)
     table = Table(title=f"{rec.data.plugin} dataset: {len(splits.classes)} classes")
     table.add_column("class")
     names = ["train (used)", "val (used)"] + sorted(source.splits)

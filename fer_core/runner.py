@@ -9,12 +9,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import checkpoint, dist
 from .build import build_all, build_model, build_source, build_splits, eval_loader
 from .console import ProgressBar, console
-from .data import make_splits
 from .engine import BEST, LAST, Engine, EngineConfig, metrics_from_predictions, predict
 from .errors import FerError
 from .hardware import resolve_device, resolve_precision
@@ -134,9 +131,8 @@ def evaluate(run_dir: Path, split: str | None, overrides: list[str]) -> dict[str
     split = split or recipe.data.val_split
     source = build_source(recipe, reg)
     if split in (recipe.data.train_split, recipe.data.val_split):
-        splits = make_splits(source, train_split=recipe.data.train_split, val_split=recipe.data.val_split,
-                             val_fraction=recipe.data.val_fraction, seed=recipe.train.seed,
-                             skip_missing=recipe.data.skip_missing, check_files=False)
+        # the same split the run trained/selected on (a held-out val is re-derived from the seed)
+        splits = build_splits(recipe, reg, source=source)
         samples = splits.train if split == recipe.data.train_split else splits.val
     elif split in source.splits:
         samples = source.splits[split]
