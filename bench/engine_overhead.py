@@ -234,8 +234,14 @@ def run_engine(s: Setup, epoch: int, progress_bar: bool, out_dir: Path) -> dict[
 
 
 def interleaved(names: list[str], rounds: int, fn: Callable[[str, int], dict[str, Any]], label: str) -> dict[str, list[dict[str, Any]]]:
-    """Each round runs every variant once; odd rounds run them in reverse order (ABC, CBA, ...)."""
+    """Each round runs every variant once; odd rounds run them in reverse order (ABC, CBA, ...).
+
+    One untimed run of the first variant comes first, so that process start-up costs (thread
+    pool, allocator, kernel selection) do not land on whichever variant happens to run first.
+    """
     out: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    res = fn(names[0], 0)
+    console.print(f"[dim]{label}[/] process warm-up (untimed): {names[0]} {res['img_s']:.1f} img/s")
     total, k = rounds * len(names), 0
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
@@ -359,7 +365,7 @@ def print_tables(result: dict[str, Any]) -> None:
                         f"channels_last {e['channels_last']}")
         for col, j in (("variant", "left"), ("median img/s", "right"), ("min..max", "right"),
                        ("engine/hand", "right"), (f"goal >= {ENGINE_GOAL}", "center")):
-            t.add_column(col, justify=j)  # type: ignore[arg-type]
+            t.add_column(col, justify=j, no_wrap=col in ("variant", "config"))  # type: ignore[arg-type]
         for name, v in e["variants"].items():
             ratio = v.get("ratio_vs_hand")
             t.add_row(name, f"{v['median_img_s']:.1f}", f"{v['min_img_s']:.1f}..{v['max_img_s']:.1f}",
@@ -371,7 +377,7 @@ def print_tables(result: dict[str, Any]) -> None:
                         f"{p['batches']} batches x {p['rounds']} rounds; {p['device']}; auto -> "
                         f"{p['auto_resolved']['name']} ({p['auto_resolved']['reason']})")
         for col, j in (("config", "left"), ("median img/s", "right"), ("min..max", "right"), ("vs fp32", "right")):
-            t.add_column(col, justify=j)  # type: ignore[arg-type]
+            t.add_column(col, justify=j, no_wrap=col in ("variant", "config"))  # type: ignore[arg-type]
         for name, v in p["configs"].items():
             t.add_row(name, f"{v['median_img_s']:.2f}", f"{v['min_img_s']:.2f}..{v['max_img_s']:.2f}",
                       f"{v['speedup_vs_fp32']:.2f}x")

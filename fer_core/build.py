@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from .console import console
 from .data import EpochSeededLoader, ImageDataset, Splits, eval_transform, make_splits
 from .errors import FerError
 from .hardware import Precision, resolve_device, resolve_precision
@@ -45,18 +47,21 @@ def task_sizes(classes: list[str], au_names: list[str]) -> dict[str, int]:
     return sizes
 
 
-def build_model(recipe: Recipe, reg: Registry, classes: list[str], au_names: list[str]) -> FerModel:
+def build_model(recipe: Recipe, reg: Registry, classes: list[str], au_names: list[str],
+                extra_tasks: dict[str, int] | None = None) -> FerModel:
+    """``extra_tasks``: output sizes of tasks a loss derives from the labels (e.g. the basic
+    emotions a compound class is made of), declared by the loss as ``task_sizes``."""
     backbone = reg.build("backbone", recipe.model.backbone.spec(), "model.backbone")
     if not isinstance(backbone, Backbone):
         raise FerError(f"model.backbone: plugin '{recipe.model.backbone.plugin}' did not return a fer Backbone")
-    sizes = task_sizes(classes, au_names)
+    sizes = {**task_sizes(classes, au_names), **(extra_tasks or {})}
     heads: dict[str, nn.Module] = {}
     for name, spec in recipe.model.heads.items():
         if name not in sizes:
             why = " (the dataset has no AU labels)" if name == "au" else ""
             raise FerError(f"model.heads.{name}: no such task{why}; available: {', '.join(sizes)}")
         heads[name] = reg.build("head", spec.spec(), f"model.heads.{name}", backbone.feature_dim, sizes[name])
-    return FerModel(backbone, heads)
+    return FerModel(backbone, heads, sizes)
 
 
 def resolve_workers(value: int | str, device: torch.device) -> int:
@@ -98,13 +103,22 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     device = resolve_device(t.device)
     precision = resolve_precision(t.precision, device)
     splits = build_splits(recipe, reg)
+    task = splits.task_info()
+    loss = reg.build("loss", recipe.loss.spec(), "loss", task)
     torch.manual_seed(t.seed)  # identical initial weights for identical recipes
-    model = build_model(recipe, reg, splits.classes, splits.au_names)
+    model = build_model(recipe, reg, splits.classes, splits.au_names, getattr(loss, "task_sizes", None))
     if t.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
     pre = model.preprocessing
-    task = splits.task_info()
     augmenter = reg.build("augmenter", recipe.augment.spec(), "augment", pre)
+    sampler = None
+    if recipe.sampler is not None:
+        sampler = reg.build("sampler", recipe.sampler.spec(), "sampler", [s.label for s in splits.train], task)
+        if getattr(loss, "reweights_classes", False) and getattr(sampler, "rebalances_classes", False):
+            msg = (f"loss '{recipe.loss.plugin}' re-weights classes and sampler '{recipe.sampler.plugin}' "
+                   "re-balances them: the minority classes are corrected twice; use one of the two")
+            warnings.warn(msg, stacklevel=2)
+            console.print(f"[bold yellow]warning:[/] {msg}")
     workers = resolve_workers(t.num_workers, device)
     pin = device.type == "cuda" if t.pin_memory == "auto" else bool(t.pin_memory)
     num_aus = len(splits.au_names)
@@ -112,18 +126,19 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     train_loader = EpochSeededLoader(
         train_ds, batch_size=t.batch_size, shuffle=True, num_workers=workers, pin_memory=pin, seed=t.seed,
         drop_last=len(train_ds) > t.batch_size, reseed=getattr(augmenter, "set_seed", None),
+        sampler_factory=sampler,
     )
     val_loader = eval_loader(splits.val, pre, num_aus, t.eval_batch_size or 2 * t.batch_size, workers, pin,
                              cache=recipe.data.cache_images)
-    loss = reg.build("loss", recipe.loss.spec(), "loss", task)
-    params = [p for p in model.parameters() if p.requires_grad]
+    # a loss may learn too (e.g. uncertainty task weights): its parameters join the optimizer
+    loss_params = list(loss.parameters()) if isinstance(loss, nn.Module) else []
+    params = [p for p in [*model.parameters(), *loss_params] if p.requires_grad]
     optimizer = reg.build("optimizer", recipe.optimizer.spec(), "optimizer", params)
-    steps_per_epoch = -(-len(train_loader) // t.accumulate_steps)
+    info = ScheduleInfo(epochs=t.epochs, steps_per_epoch=-(-len(train_loader) // t.accumulate_steps))
     scheduler = None
     if recipe.schedule is not None:
-        scheduler = reg.build("scheduler", recipe.schedule.spec(), "schedule", optimizer,
-                              ScheduleInfo(epochs=t.epochs, steps_per_epoch=steps_per_epoch))
-    batch_transforms = [reg.build("batch_transform", bt.spec(), f"batch_transforms[{i}]", task)
+        scheduler = reg.build("scheduler", recipe.schedule.spec(), "schedule", optimizer, info)
+    batch_transforms = [reg.build("batch_transform", bt.spec(), f"batch_transforms[{i}]", task, info)
                         for i, bt in enumerate(recipe.batch_transforms)]
     callbacks = [reg.build("callback", cb.spec(), f"callbacks[{i}]") for i, cb in enumerate(recipe.callbacks)]
     if recipe.tracking.enabled:

@@ -212,7 +212,7 @@ class EpochSeededLoader:
         self.pin_memory = pin_memory
         self.seed = seed
         self.drop_last = drop_last
-        self.sampler_factory = sampler_factory  # e.g. DistributedSampler, injected by the caller
+        self.sampler_factory = sampler_factory  # seed → Sampler (oversampling, DistributedSampler, ...)
         self.reseed = reseed
 
     def __len__(self) -> int:
@@ -232,7 +232,7 @@ class EpochSeededLoader:
             if reseed is not None:
                 reseed(epoch_seed + 1000 * (worker_id + 1))
 
-        sampler = self.sampler_factory(epoch) if self.sampler_factory else None
+        sampler = self.sampler_factory(epoch_seed) if self.sampler_factory else None
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,

@@ -148,6 +148,8 @@ class Engine:
         self.state = TrainState()
         self.scaler = torch.amp.GradScaler(device.type) if precision.grad_scaler else None
         self.model.to(device)
+        if isinstance(self.loss, nn.Module):  # learnable loss weights live on the device too
+            self.loss.to(device)
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if config.compile else self.model
@@ -175,7 +177,7 @@ class Engine:
             "au_names": self.au_names,
             "preprocessing": self.model.preprocessing.to_dict(),
             "recipe": self.run.recipe,
-            "heads": list(self.model.heads.keys()),
+            "task_sizes": dict(self.model.task_sizes),
             **self.checkpoint_extra,
         }
 
@@ -187,6 +189,7 @@ class Engine:
             {
                 **self._meta(),
                 "model": self.model.state_dict(),
+                "loss": self.loss.state_dict() if isinstance(self.loss, nn.Module) else None,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -203,6 +206,8 @@ class Engine:
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
+        if isinstance(self.loss, nn.Module) and ckpt.get("loss") is not None:
+            self.loss.load_state_dict(ckpt["loss"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.scheduler is not None and ckpt.get("scheduler") is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])

@@ -21,6 +21,7 @@ KINDS: dict[str, str] = {
     "scheduler": "register_schedulers",
     "augmenter": "register_augmenters",
     "batch_transform": "register_batch_transforms",
+    "sampler": "register_samplers",
     "callback": "register_callbacks",
     "ensembler": "register_ensemblers",
     "tuner": "register_tuners",
@@ -58,7 +59,11 @@ class FerSpecs:
 
     @hookspec
     def register_batch_transforms(self, register):
-        """``factory(task: TaskInfo, /, **params) -> callable(batch, epoch) -> batch``"""
+        """``factory(task: TaskInfo, info: ScheduleInfo, /, **params) -> callable(batch, epoch) -> batch``"""
+
+    @hookspec
+    def register_samplers(self, register):
+        """``factory(labels: list[int], task: TaskInfo, /, **params) -> callable(seed) -> torch Sampler``"""
 
     @hookspec
     def register_callbacks(self, register):

@@ -9,10 +9,11 @@ from .interfaces import Backbone, Outputs
 
 
 class FerModel(nn.Module):
-    def __init__(self, backbone: Backbone, heads: dict[str, nn.Module]) -> None:
+    def __init__(self, backbone: Backbone, heads: dict[str, nn.Module], task_sizes: dict[str, int]) -> None:
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
+        self.task_sizes = {name: task_sizes[name] for name in heads}  # stored with checkpoints
 
     @property
     def preprocessing(self):

@@ -98,6 +98,7 @@ class Recipe(_Strict):
     schedule: Component | None = None
     augment: Component = Field(default_factory=lambda: Component(plugin="basic"))
     batch_transforms: list[Component] = Field(default_factory=list)
+    sampler: Component | None = None
     callbacks: list[Component] = Field(default_factory=list)
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
@@ -186,6 +187,8 @@ def components(recipe: Recipe) -> list[tuple[str, Component, str]]:
     if recipe.schedule is not None:
         out.append(("scheduler", recipe.schedule, "schedule"))
     out.append(("augmenter", recipe.augment, "augment"))
+    if recipe.sampler is not None:
+        out.append(("sampler", recipe.sampler, "sampler"))
     out += [("batch_transform", bt, f"batch_transforms[{i}]") for i, bt in enumerate(recipe.batch_transforms)]
     out += [("callback", cb, f"callbacks[{i}]") for i, cb in enumerate(recipe.callbacks)]
     if recipe.tracking.enabled:

@@ -145,7 +145,7 @@ def evaluate(run_dir: Path, split: str | None, overrides: list[str]) -> dict[str
     backbone = recipe.model.backbone
     if "pretrained" in backbone.params():
         setattr(backbone, "pretrained", False)
-    model = build_model(recipe, reg, classes, au_names)
+    model = build_model(recipe, reg, classes, au_names, ckpt.get("task_sizes"))
     model.load_state_dict(ckpt["model"])
     device = resolve_device(recipe.train.device)
     precision = resolve_precision(recipe.train.precision, device)
