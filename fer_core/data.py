@@ -89,6 +89,7 @@ class Splits:
             class_counts=[counts.get(i, 0) for i in range(len(self.classes))],
             au_names=list(self.au_names),
             au_positive_counts=au_pos,
+            au_labelled=sum(1 for s in self.train if s.au is not None),
         )
 
 

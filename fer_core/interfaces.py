@@ -98,6 +98,7 @@ class TaskInfo:
     class_counts: list[int]  # training split
     au_names: list[str]
     au_positive_counts: list[int]  # training split, per AU
+    au_labelled: int = 0  # training images that carry AU labels
 
 
 @runtime_checkable

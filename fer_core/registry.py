@@ -59,12 +59,17 @@ class Component:
             **fields,
         )
         try:
-            return dict(model(**params))
+            values = dict(model(**params))
         except ValidationError as e:
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
             got = err.get("input")
             raise FerError(f"{where}.{loc}: {err['msg']} (got {got!r})") from None
+        # a factory whose params hold nested plugin tables checks them too (e.g. a multi-task loss)
+        nested = getattr(self.factory, "validate_nested", None)
+        if nested is not None:
+            nested(values, where)
+        return values
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -1,9 +1,12 @@
-"""Learning-rate schedules from torch: cosine (stepped per optimizer step) and step (per epoch)."""
+"""Learning-rate schedules: cosine and warmup+cosine (stepped per optimizer step) and step (per epoch)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from fer_core.errors import FerError
 from fer_core.hookspecs import hookimpl
 from fer_core.interfaces import ScheduleInfo
 
@@ -21,7 +24,61 @@ def make_step(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *, step_s
     return sched
 
 
+
+
+def warmup_cosine_factor(step: int, *, warmup: int, total: int, start_factor: float, floor: float) -> float:
+    """LR multiplier before optimizer step ``step`` (0-based): linear warmup from
+    ``start_factor`` to 1 over ``warmup`` steps, then cosine down to ``floor`` (= min_lr/base_lr),
+    reached exactly at the last step (``total - 1``) and held after it."""
+    if step >= total:
+        return floor
+    if step < warmup:
+        return start_factor + (1.0 - start_factor) * (step + 1) / warmup
+    span = total - warmup - 1
+    if span <= 0:  # one step left after warmup: it is the last, at min_lr (a one-step run keeps the base lr)
+        return 1.0 if total == 1 else floor
+    progress = (step - warmup) / span
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class _Factor:
+    """Picklable per-group lambda (LambdaLR keeps callable objects in its state_dict)."""
+
+    def __init__(self, warmup: int, total: int, start_factor: float, floor: float) -> None:
+        self.warmup, self.total, self.start_factor, self.floor = warmup, total, start_factor, floor
+
+    def __call__(self, step: int) -> float:
+        return warmup_cosine_factor(step, warmup=self.warmup, total=self.total,
+                                    start_factor=self.start_factor, floor=self.floor)
+
+
+def make_warmup_cosine(
+    optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *, warmup_epochs: float = 1.0, warmup_steps: int = 0,
+    min_lr: float = 0.0, warmup_start_factor: float = 0.0,
+):
+    """Linear warmup then cosine to `min_lr`, stepped per optimizer step (so gradient
+    accumulation is accounted for: a step is an optimizer step, not a batch).
+
+    `warmup_steps` > 0 wins over `warmup_epochs`; warmup is capped one step short of the run.
+    """
+    if min_lr < 0 or not 0 <= warmup_start_factor <= 1 or warmup_epochs < 0 or warmup_steps < 0:
+        raise FerError("schedule: min_lr ≥ 0, 0 ≤ warmup_start_factor ≤ 1, warmup_epochs/steps ≥ 0 expected")
+    total = max(info.epochs * info.steps_per_epoch, 1)
+    # at least one step is left to anneal, so that the run always ends at min_lr
+    warmup = min(warmup_steps or round(warmup_epochs * info.steps_per_epoch), max(total - 1, 0))
+    factors = []
+    for group in optimizer.param_groups:
+        base = group.get("initial_lr", group["lr"])
+        if min_lr > base:
+            raise FerError(f"schedule.min_lr: {min_lr} is above the optimizer's lr {base}")
+        factors.append(_Factor(warmup, total, warmup_start_factor, min_lr / base if base else 0.0))
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    sched.interval = "step"
+    return sched
+
+
 @hookimpl
 def register_schedulers(register):
     register("cosine", make_cosine)
     register("step", make_step)
+    register("warmup_cosine", make_warmup_cosine)
