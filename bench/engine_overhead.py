@@ -109,8 +109,14 @@ def build_setup(model: str, input_size: int, batch_size: int, precision: str, de
     while True:
         overrides = recipe_overrides(model, input_size, batch_size, precision, device, cap)
         raw = apply_overrides(read_toml(BASE_RECIPE), overrides)
-        raw.pop("schedule", None)  # no LR schedule: both loops then do exactly the same work
+        # no LR schedule and no sampler: both loops then do exactly the same work over the same batches
+        raw.pop("schedule", None)
+        raw.pop("sampler", None)
         recipe = validate(raw, f"{BASE_RECIPE} (+ bench overrides)")
+        if recipe.loss.plugin != "cross_entropy" or recipe.batch_transforms:
+            raise SystemExit(f"{BASE_RECIPE}: the hand-written loop mirrors plain cross-entropy without batch "
+                             f"transforms; the recipe has loss '{recipe.loss.plugin}' and "
+                             f"{len(recipe.batch_transforms)} batch transform(s)")
         built = build_all(recipe, get_registry(recipe.plugins.disable))
         n_train = len(built.train_loader.dataset)
         if n_train >= needed or cap == 0:
@@ -200,13 +206,13 @@ def run_hand(s: Setup, epoch: int, precision: Precision, channels_last: bool) ->
     return {"images": seen, "seconds": seconds, "img_s": seen / seconds, "loss": loss}
 
 
-def run_engine(s: Setup, epoch: int, progress_bar: bool, out_dir: Path) -> dict[str, Any]:
+def run_engine(s: Setup, epoch: int, progress_bar: bool, out_dir: Path, rounds: int = 1) -> dict[str, Any]:
     b = s.built
     t = s.recipe.train
     model = fresh_model(s)
     optimizer = s.make_optimizer(model)  # Engine moves the model; AdamW state is created lazily
     run = RunInfo(out_dir=out_dir, recipe=resolved(s.recipe), classes=list(b.splits.classes))
-    callbacks = [ProgressBar(t.epochs)] if progress_bar else []
+    callbacks = [ProgressBar(max(rounds, epoch))] if progress_bar else []  # the bar shows "epoch <round>/<rounds>"
     engine = Engine(
         model=model, loss=b.loss, optimizer=optimizer, scheduler=None, train_loader=s.warm_loader,
         val_loader=b.val_loader, device=b.device, precision=b.precision,
@@ -270,7 +276,7 @@ def bench_engine(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     variants = {
         "engine": lambda ep: run_engine(s, ep, False, tmp),
         "hand": lambda ep: run_hand(s, ep, b.precision, b.channels_last),
-        "engine+progressbar": lambda ep: run_engine(s, ep, True, tmp),
+        "engine+progressbar": lambda ep: run_engine(s, ep, True, tmp, args.rounds),
     }
     # every variant of a round sees the same epoch, hence the same batches in the same order
     runs = interleaved(list(variants), args.rounds, lambda name, r: variants[name](r), "engine")
@@ -284,7 +290,7 @@ def bench_engine(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         "rounds": args.rounds, "device": str(b.device), "precision": b.precision.name,
         "precision_reason": b.precision.reason, "channels_last": b.channels_last,
         "num_workers": b.train_loader.num_workers, "recipe_base": str(BASE_RECIPE.relative_to(REPO)),
-        "recipe_overrides": s.overrides + ["(schedule removed)"], "goal_ratio": ENGINE_GOAL, "variants": res,
+        "recipe_overrides": s.overrides + ["(schedule and sampler removed)"], "goal_ratio": ENGINE_GOAL, "variants": res,
     }
 
 
@@ -316,7 +322,7 @@ def bench_precision(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.precision_model, "input_size": args.precision_size, "batch_size": args.batch_size,
         "batches": args.precision_batches, "rounds": args.rounds, "device": str(device), "harness": "hand-written loop",
         "auto_resolved": {"name": auto.name, "reason": auto.reason}, "channels_last_auto": cl_default,
-        "recipe_base": str(BASE_RECIPE.relative_to(REPO)), "recipe_overrides": s.overrides + ["(schedule removed)"],
+        "recipe_base": str(BASE_RECIPE.relative_to(REPO)), "recipe_overrides": s.overrides + ["(schedule and sampler removed)"],
         "goal_speedup": PRECISION_GOAL, "best_auto_speedup": best_auto, "meets_goal": best_auto >= PRECISION_GOAL,
         "configs": res,
     }

@@ -217,7 +217,8 @@ class EpochSeededLoader:
         self.reseed = reseed
 
     def __len__(self) -> int:
-        n = len(self.dataset)
+        """Batches per epoch; a sampler may draw more or fewer items than the dataset holds."""
+        n = len(self.sampler_factory(self.seed)) if self.sampler_factory else len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def epoch(self, epoch: int) -> DataLoader:

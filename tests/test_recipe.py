@@ -10,7 +10,7 @@ from fer_core.errors import FerError
 from fer_core.recipe import apply_overrides, dump_toml, load, parse_override, validate
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted((REPO / "recipes").glob("*.toml"))
+RECIPES = sorted((REPO / "recipes").rglob("*.toml"))
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
