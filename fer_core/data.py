@@ -68,6 +68,20 @@ def unreadable(samples: Sequence[Sample]) -> list[tuple[Path, str]]:
     return bad
 
 
+def check_images(samples: Sequence[Sample], skip_missing: bool) -> tuple[list[Sample], int]:
+    """Stop with one message listing missing/unreadable images, or drop and count them."""
+    bad = unreadable(samples)
+    if bad and not skip_missing:
+        shown = "; ".join(f"{p} ({why})" for p, why in bad[:10])
+        more = f" … and {len(bad) - 10} more" if len(bad) > 10 else ""
+        raise FerError(
+            f"{len(bad)} image(s) missing or unreadable: {shown}{more} "
+            f"(set data.skip_missing = true to skip and count them)"
+        )
+    gone = {p for p, _ in bad}
+    return [s for s in samples if s.path not in gone], len(bad)
+
+
 @dataclass
 class Splits:
     classes: list[str]
@@ -116,19 +130,10 @@ def make_splits(
     train = cap_per_class(train, max_train_per_class, seed)
     skipped = 0
     if check_files:
-        bad = unreadable(train + val)
-        if bad and not skip_missing:
-            shown = "; ".join(f"{p} ({why})" for p, why in bad[:10])
-            more = f" … and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise FerError(
-                f"{len(bad)} image(s) missing or unreadable: {shown}{more} "
-                f"(set data.skip_missing = true to skip and count them)"
-            )
-        if bad:
-            gone = {p for p, _ in bad}
-            train = [s for s in train if s.path not in gone]
-            val = [s for s in val if s.path not in gone]
-            skipped = len(bad)
+        kept, skipped = check_images(train + val, skip_missing)
+        ok = {s.path for s in kept}
+        train = [s for s in train if s.path in ok]
+        val = [s for s in val if s.path in ok]
     if not train:
         raise FerError("data: the training split is empty")
     if not val:

@@ -12,6 +12,7 @@ from typing import Any
 from . import checkpoint, dist
 from .build import build_all, build_model, build_source, build_splits, eval_loader
 from .console import ProgressBar, console
+from .data import check_images
 from .engine import BEST, LAST, Engine, EngineConfig, metrics_from_predictions, predict
 from .errors import FerError
 from .hardware import resolve_device, resolve_precision
@@ -130,12 +131,12 @@ def evaluate(run_dir: Path, split: str | None, overrides: list[str]) -> dict[str
     reg = get_registry(recipe.plugins.disable)
     split = split or recipe.data.val_split
     source = build_source(recipe, reg)
-    if split in (recipe.data.train_split, recipe.data.val_split):
-        # the same split the run trained/selected on (a held-out val is re-derived from the seed)
+    if split in source.splits and split != recipe.data.train_split:
+        samples, _ = check_images(source.splits[split], recipe.data.skip_missing)
+    elif split in (recipe.data.train_split, recipe.data.val_split) and recipe.data.train_split in source.splits:
+        # the run's own training split, or the validation part it held out of it (same seed)
         splits = build_splits(recipe, reg, source=source)
         samples = splits.train if split == recipe.data.train_split else splits.val
-    elif split in source.splits:
-        samples = source.splits[split]
     else:
         raise FerError(f"--split: split '{split}' not found; the dataset has: {', '.join(sorted(source.splits))}")
     samples = _map_classes(samples, source.classes, classes, f"data ({recipe.data.plugin})")

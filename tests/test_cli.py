@@ -61,6 +61,23 @@ def test_run_eval_and_mlflow_on_real_faces(write_recipe, tmp_path, mlflow_uri):
     r = fer("eval", str(out), "--split", "nope")
     assert r.returncode == 2 and "split 'nope' not found" in r.stderr
 
+    # another dataset with its own class order: labels are matched to the model's classes by name
+    labels = (out / "recipe.toml").read_text().split('labels = "')[1].split('"')[0]
+    rows = [line.split(",") for line in Path(labels).read_text().splitlines()[1:]]
+    other = tmp_path / "other.csv"
+    picked = [r for r in rows if r[3] == "val" and r[1] in ("happy", "angry")]
+    other.write_text("path,label,label_id,split\n" + "".join(
+        f"{p},{name.upper()},{0 if name == 'happy' else 1},val\n" for p, name, _, _ in picked))
+    js2 = tmp_path / "other.json"
+    r = fer("eval", str(out), "-o", f"data.labels={other}", "--json", str(js2))
+    assert r.returncode == 0, r.stderr
+    ev2 = json.loads(js2.read_text())
+    assert ev2["classes"] == m["classes"]
+    for name in ("happy", "angry"):
+        assert ev2["per_class"][name]["support"] == 5
+        assert ev2["per_class"][name]["recall"] == pytest.approx(m["per_class"][name]["recall"])
+    assert ev2["per_class"]["sad"]["support"] == 0
+
 
 def test_a_crashed_run_is_marked_failed_in_mlflow(write_recipe, tmp_path, mlflow_uri):
     recipe = write_recipe(tracking=True, epochs=1)
