@@ -235,7 +235,8 @@ class Engine:
     def fit(self) -> dict[str, Any]:
         self._emit("on_fit_start")
         try:
-            while self.state.epoch < self.cfg.epochs:
+            # a run that stopped early is finished: resuming it only re-evaluates
+            while self.state.epoch < self.cfg.epochs and "stopped_early_at" not in self.run.state:
                 epoch = self.state.epoch + 1
                 train_logs = self._train_epoch(epoch)
                 report = self.validate()
@@ -255,11 +256,13 @@ class Engine:
                     self.save_best()
                 else:
                     self.state.bad_epochs += 1
+                stop = bool(self.cfg.early_stopping_patience) and self.state.bad_epochs >= self.cfg.early_stopping_patience
+                if stop:
+                    self.run.state["stopped_early_at"] = epoch
                 self._emit("on_validation_end", epoch, report)
                 self._emit("on_epoch_end", epoch, row)
                 self.save_last()
-                if self.cfg.early_stopping_patience and self.state.bad_epochs >= self.cfg.early_stopping_patience:
-                    self.run.state["stopped_early_at"] = epoch
+                if stop:
                     break
             final = self.final_evaluation()
             if self.finalize is not None:

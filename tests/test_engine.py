@@ -139,3 +139,33 @@ def test_checkpoints_refuse_pickled_code(tmp_path):
     bad.write_bytes(pickle.dumps({"model": Evil()}))
     with pytest.raises(FerError, match="not a readable fer checkpoint"):
         checkpoint.load(bad)
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_improvement(write_recipe, tmp_path):
+    # a monitored value that cannot change (the validation size) never improves after epoch 1
+    recipe = write_recipe(epochs=5, early_stopping_patience=2, monitor="num_samples")
+    _, final = train(recipe, [], tmp_path / "es", None)
+    ck = checkpoint.load(tmp_path / "es" / "last.pt")
+    assert ck["train_state"]["epoch"] == 3 and ck["callback_state"]["stopped_early_at"] == 3
+    assert final["best_epoch"] == 1 and final["epochs_run"] == 3
+    _, again = train(None, [], None, tmp_path / "es")  # resuming a finished run trains no further
+    assert again["epochs_run"] == 3 and again["accuracy"] == final["accuracy"]
+
+
+def test_stratified_validation_split_when_the_dataset_has_none():
+    from pathlib import Path
+
+    from fer_core.data import make_splits
+    from fer_core.interfaces import DataSource, Sample
+
+    samples = [Sample(Path(f"/x/{c}_{i}.png"), c) for c in range(3) for i in range([20, 10, 1][c])]
+    src = DataSource(classes=["a", "b", "c"], splits={"train": samples})
+    a = make_splits(src, train_split="train", val_split="val", val_fraction=0.2, seed=0, skip_missing=False,
+                    check_files=False)
+    b = make_splits(src, train_split="train", val_split="val", val_fraction=0.2, seed=0, skip_missing=False,
+                    check_files=False)
+    assert [s.path for s in a.val] == [s.path for s in b.val]  # deterministic for a seed
+    assert {s.path for s in a.train}.isdisjoint({s.path for s in a.val})
+    assert len(a.train) + len(a.val) == 31
+    per_class = [sum(s.label == c for s in a.val) for c in range(3)]
+    assert per_class == [4, 2, 0]  # 20 % of each class; a single-image class stays in train
