@@ -69,7 +69,7 @@ def eval_(
     """Evaluate a run's best checkpoint on a split of its dataset, or another (-o data.root=...)."""
     from .checkpoint import atomic_write_json
     from .console import metrics_tables
-    from .runner import evaluate
+    from .inference import evaluate
 
     report = evaluate(run_dir, split, override or [])
     metrics_tables(report, title=f"{run_dir} on '{report['split']}'")

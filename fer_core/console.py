@@ -90,3 +90,7 @@ def metrics_tables(m: dict[str, Any], title: str = "validation") -> None:
     for name, row in m["per_class"].items():
         per.add_row(name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"]))
     stdout.print(per)
+    cal = m.get("calibration")
+    if cal:
+        stdout.print(f"calibration: temperature {cal['temperature']:.3f}; ECE {cal['ece']:.4f} → "
+                     f"{cal['ece_calibrated']:.4f}; NLL {cal['nll']:.4f} → {cal['nll_calibrated']:.4f}")

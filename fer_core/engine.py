@@ -342,6 +342,7 @@ class Engine:
 
     def validate(self) -> dict[str, Any]:
         pred = predict(self.forward, self.val_loader, self.device, self.precision, self.cfg.channels_last)
+        self.last_predictions = pred  # logits + labels, e.g. for calibration after the final evaluation
         return metrics_from_predictions(pred, self.run.classes, self.au_names)
 
     def final_evaluation(self) -> dict[str, Any]:

@@ -10,13 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from . import checkpoint, dist
-from .build import build_all, build_model, build_source, build_splits, eval_loader
+from .build import build_all
 from .console import ProgressBar, console
-from .data import check_images
-from .engine import BEST, LAST, Engine, EngineConfig, metrics_from_predictions, predict
+from .calibration import calibration_report, fit_temperature
+from .engine import BEST, LAST, Engine, EngineConfig
 from .errors import FerError
-from .hardware import resolve_device, resolve_precision
-from .interfaces import Preprocessing, RunInfo, Sample
+from .interfaces import RunInfo
 from .plots import confusion_matrix_png
 from .recipe import Recipe, apply_overrides, dump_toml, read_toml, resolved, validate
 from .registry import get_registry
@@ -77,7 +76,7 @@ def train(recipe_path: Path | None, overrides: list[str], out_dir: Path | None, 
                             channels_last=built.channels_last, compile=t.compile, seed=t.seed),
         run=run, au_names=built.splits.au_names,
         callbacks=[ProgressBar(t.epochs), *built.callbacks], batch_transforms=built.batch_transforms,
-        finalize=lambda final: _write_results(out, recipe, final, engine.state.history),
+        finalize=lambda final: _write_results(out, recipe, final, engine),
     )
     if resume_dir is not None and (out / LAST).is_file():
         engine.restore(checkpoint.load(out / LAST, built.device))
@@ -101,58 +100,20 @@ def train(recipe_path: Path | None, overrides: list[str], out_dir: Path | None, 
     return out, final
 
 
-def _write_results(out: Path, recipe: Recipe, final: dict[str, Any], history: list[dict[str, float]]) -> None:
+def _write_results(out: Path, recipe: Recipe, final: dict[str, Any], engine: Engine) -> None:
     if not dist.is_main():
         return
+    # temperature scaling on the validation logits of the best checkpoint, stored with it
+    pred = engine.last_predictions
+    temperature = fit_temperature(pred["logits.emotion"], pred["label"])
+    final["calibration"] = calibration_report(pred["logits.emotion"], pred["label"], temperature)
+    best = checkpoint.load(out / BEST)
+    best["temperature"] = temperature
+    checkpoint.save(out / BEST, best)
     checkpoint.atomic_write_json(out / METRICS_FILE, {"split": recipe.data.val_split, **final})
-    checkpoint.atomic_write_json(out / HISTORY_FILE, history)
+    checkpoint.atomic_write_json(out / HISTORY_FILE, engine.state.history)
     confusion_matrix_png(final["confusion_matrix"], final["classes"], out / "confusion_matrix.png",
                          title=f"{recipe.name}: validation, best epoch {final['best_epoch']}")
     _write_status(out, status="finished", ended=dt.datetime.now().isoformat(timespec="seconds"))
 
 
-def _map_classes(samples: list[Sample], data_classes: list[str], ckpt_classes: list[str], where: str) -> list[Sample]:
-    """Re-index labels into the checkpoint's class order, matching names case-insensitively."""
-    index = {c.lower(): i for i, c in enumerate(ckpt_classes)}
-    unknown = sorted({data_classes[s.label] for s in samples if data_classes[s.label].lower() not in index})
-    if unknown:
-        raise FerError(f"{where}: classes {unknown} are not among the model's classes {ckpt_classes}")
-    return [Sample(s.path, index[data_classes[s.label].lower()], s.au) for s in samples]
-
-
-def evaluate(run_dir: Path, split: str | None, overrides: list[str]) -> dict[str, Any]:
-    rpath = run_dir / RECIPE_FILE
-    if not rpath.is_file():
-        raise FerError(f"{run_dir}: not a fer run directory (no {RECIPE_FILE})")
-    recipe = validate(apply_overrides(read_toml(rpath), overrides), str(rpath))
-    ckpt = checkpoint.load(run_dir / BEST)
-    classes, au_names = list(ckpt["classes"]), list(ckpt.get("au_names", []))
-    pre = Preprocessing.from_dict(ckpt["preprocessing"])
-    reg = get_registry(recipe.plugins.disable)
-    split = split or recipe.data.val_split
-    source = build_source(recipe, reg)
-    if split in source.splits and split != recipe.data.train_split:
-        samples, _ = check_images(source.splits[split], recipe.data.skip_missing)
-    elif split in (recipe.data.train_split, recipe.data.val_split) and recipe.data.train_split in source.splits:
-        # the run's own training split, or the validation part it held out of it (same seed)
-        splits = build_splits(recipe, reg, source=source)
-        samples = splits.train if split == recipe.data.train_split else splits.val
-    else:
-        raise FerError(f"--split: split '{split}' not found; the dataset has: {', '.join(sorted(source.splits))}")
-    samples = _map_classes(samples, source.classes, classes, f"data ({recipe.data.plugin})")
-    if source.au_names != au_names:
-        samples = [Sample(s.path, s.label, None) for s in samples]  # AU vocabularies differ: no AU metrics
-    # weights come from the checkpoint: do not load pretrained files again
-    backbone = recipe.model.backbone
-    if "pretrained" in backbone.params():
-        setattr(backbone, "pretrained", False)
-    model = build_model(recipe, reg, classes, au_names, ckpt.get("task_sizes"))
-    model.load_state_dict(ckpt["model"])
-    device = resolve_device(recipe.train.device)
-    precision = resolve_precision(recipe.train.precision, device)
-    model.to(device)
-    loader = eval_loader(samples, pre, len(au_names), recipe.train.eval_batch_size or 2 * recipe.train.batch_size,
-                         0, False)
-    pred = predict(model, loader, device, precision)
-    report = metrics_from_predictions(pred, classes, au_names)
-    return {"split": split, "run": str(run_dir), **report}

@@ -1,0 +1,132 @@
+"""Using a finished run: load its best checkpoint (with the preprocessing, classes and
+temperature stored in it), pick samples of a split, predict, evaluate. `fer eval`, ensembles,
+distillation teachers and reports all load runs through here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .build import build_model, build_source, build_splits, eval_loader
+from .calibration import calibration_report
+from .data import check_images
+from .engine import BEST, metrics_from_predictions, predict, softmax
+from .errors import FerError
+from .hardware import Precision, resolve_device, resolve_precision
+from .interfaces import Preprocessing, Sample
+from .model import FerModel
+from .recipe import Recipe, apply_overrides, read_toml, validate
+from .registry import Registry, get_registry
+
+RECIPE_FILE = "recipe.toml"
+
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    recipe: Recipe
+    registry: Registry
+    model: FerModel
+    preprocessing: Preprocessing
+    classes: list[str]
+    au_names: list[str]
+    temperature: float
+    device: torch.device
+    precision: Precision
+
+    def loader(self, samples: Sequence[Sample], batch_size: int | None = None):
+        t = self.recipe.train
+        return eval_loader(samples, self.preprocessing, len(self.au_names),
+                           batch_size or t.eval_batch_size or 2 * t.batch_size, 0, False)
+
+
+def load_run(run_dir: Path, overrides: Sequence[str] = (), device: str | None = None) -> LoadedRun:
+    rpath = run_dir / RECIPE_FILE
+    if not rpath.is_file():
+        raise FerError(f"{run_dir}: not a fer run directory (no {RECIPE_FILE})")
+    recipe = validate(apply_overrides(read_toml(rpath), list(overrides)), str(rpath))
+    ckpt = checkpoint.load(run_dir / BEST)
+    classes, au_names = list(ckpt["classes"]), list(ckpt.get("au_names", []))
+    reg = get_registry(recipe.plugins.disable)
+    backbone = recipe.model.backbone
+    if "pretrained" in backbone.params():  # the weights come from the checkpoint, not a pretrained file
+        setattr(backbone, "pretrained", False)
+    model = build_model(recipe, reg, classes, au_names, ckpt.get("task_sizes"))
+    model.load_state_dict(ckpt["model"])
+    dev = resolve_device(device or recipe.train.device)
+    model.to(dev).eval()
+    return LoadedRun(run_dir, recipe, reg, model, Preprocessing.from_dict(ckpt["preprocessing"]), classes, au_names,
+                     float(ckpt.get("temperature", 1.0)), dev, resolve_precision(recipe.train.precision, dev))
+
+
+def map_classes(samples: Sequence[Sample], data_classes: list[str], model_classes: list[str], where: str) -> list[Sample]:
+    """Re-index labels into the model's class order, matching names case-insensitively."""
+    index = {c.lower(): i for i, c in enumerate(model_classes)}
+    unknown = sorted({data_classes[s.label] for s in samples if data_classes[s.label].lower() not in index})
+    if unknown:
+        raise FerError(f"{where}: classes {unknown} are not among the model's classes {model_classes}")
+    return [Sample(s.path, index[data_classes[s.label].lower()], s.au) for s in samples]
+
+
+def split_samples(run: LoadedRun, split: str | None) -> tuple[str, list[Sample]]:
+    """Samples of a split of the run's dataset (or of another one given by overrides), labelled
+    in the run's class order."""
+    recipe, reg = run.recipe, run.registry
+    split = split or recipe.data.val_split
+    source = build_source(recipe, reg)
+    if split in source.splits and split != recipe.data.train_split:
+        samples, _ = check_images(source.splits[split], recipe.data.skip_missing)
+    elif split in (recipe.data.train_split, recipe.data.val_split) and recipe.data.train_split in source.splits:
+        # the run's own training split, or the validation part it held out of it (same seed)
+        splits = build_splits(recipe, reg, source=source)
+        samples = splits.train if split == recipe.data.train_split else splits.val
+    else:
+        raise FerError(f"--split: split '{split}' not found; the dataset has: {', '.join(sorted(source.splits))}")
+    samples = map_classes(samples, source.classes, run.classes, f"data ({recipe.data.plugin})")
+    if source.au_names != run.au_names:
+        samples = [Sample(s.path, s.label, None) for s in samples]  # AU vocabularies differ: no AU metrics
+    return split, samples
+
+
+def run_predictions(run: LoadedRun, samples: Sequence[Sample],
+                    views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
+    """Logits per head (and labels) over samples; with ``views`` (test-time augmentation) the
+    logits of every view are averaged."""
+    model = run.model
+    if views is not None:
+        model = _ViewAveraging(run.model, views)
+    return predict(model, run.loader(samples), run.device, run.precision)
+
+
+class _ViewAveraging(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, views: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
+        super().__init__()
+        self.model, self.views = model, views
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        outs = [self.model(v) for v in self.views(images)]
+        return {k: torch.stack([o[k].float() for o in outs]).mean(0) for k in outs[0]}
+
+
+def evaluate_predictions(run: LoadedRun, pred: dict[str, np.ndarray]) -> dict[str, Any]:
+    """The metrics.json schema, with probabilities at the run's temperature and ECE before/after."""
+    report = metrics_from_predictions(pred, run.classes, run.au_names)
+    report["calibration"] = calibration_report(pred["logits.emotion"], pred["label"], run.temperature)
+    return report
+
+
+def evaluate(run_dir: Path, split: str | None, overrides: Sequence[str]) -> dict[str, Any]:
+    run = load_run(run_dir, overrides)
+    split, samples = split_samples(run, split)
+    report = evaluate_predictions(run, run_predictions(run, samples))
+    return {"split": split, "run": str(run_dir), **report}
+
+
+def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
+    """Calibrated class probabilities: softmax of logits / T."""
+    return softmax(np.asarray(logits) / run.temperature)
