@@ -130,3 +130,32 @@ def evaluate(run_dir: Path, split: str | None, overrides: Sequence[str]) -> dict
 def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
     """Calibrated class probabilities: softmax of logits / T."""
     return softmax(np.asarray(logits) / run.temperature)
+
+
+def adapt_images(images: torch.Tensor, src: Preprocessing, dst: Preprocessing) -> torch.Tensor:
+    """Re-express a normalised batch made for ``src`` preprocessing in ``dst``'s: undo src's
+    mean/std, convert channels (gray → RGB by repetition, RGB → gray by luminance), resize
+    bilinearly, apply dst's mean/std. Used when a teacher or an ensemble member was trained
+    with another input size or normalisation than the images at hand."""
+    dev, dt = images.device, images.dtype
+    x = images.float() * torch.tensor(src.std, device=dev).view(1, -1, 1, 1) \
+        + torch.tensor(src.mean, device=dev).view(1, -1, 1, 1)
+    if src.channels == 1 and dst.channels == 3:
+        x = x.expand(-1, 3, -1, -1)
+    elif src.channels == 3 and dst.channels == 1:
+        x = (x * torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    if tuple(x.shape[-2:]) != tuple(dst.input_size):
+        x = torch.nn.functional.interpolate(x, size=tuple(dst.input_size), mode="bilinear", align_corners=False)
+    x = (x - torch.tensor(dst.mean, device=dev).view(1, -1, 1, 1)) / torch.tensor(dst.std, device=dev).view(1, -1, 1, 1)
+    return x.to(dt)
+
+
+@torch.no_grad()
+def run_logits(run: LoadedRun, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    """Emotion logits (in the run's class order) of a batch prepared with preprocessing ``pre``."""
+    from .engine import autocast
+
+    run.model.eval()
+    x = adapt_images(images.to(run.device), pre, run.preprocessing) if pre != run.preprocessing else images.to(run.device)
+    with autocast(run.device, run.precision):
+        return run.model(x)["emotion"].float()
