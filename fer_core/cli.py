@@ -65,16 +65,61 @@ def eval_(
     split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: validation).")] = None,
     override: Overrides = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this file.")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the recipe's [tta] table, or flips.")] = False,
 ) -> None:
     """Evaluate a run's best checkpoint on a split of its dataset, or another (-o data.root=...)."""
+    from . import ensemble
     from .checkpoint import atomic_write_json
-    from .console import metrics_tables
+    from .console import metrics_tables, stdout
     from .inference import evaluate
 
-    report = evaluate(run_dir, split, override or [])
+    if ensemble.is_ensemble(run_dir):
+        if tta:
+            raise FerError("--tta: not supported for ensembles (evaluate the members with --tta)")
+        report = ensemble.evaluate(run_dir, split, override or [])
+    else:
+        report = evaluate(run_dir, split, override or [], tta=tta)
     metrics_tables(report, title=f"{run_dir} on '{report['split']}'")
+    inf = report["inference"]
+    stdout.print(f"inference: {inf['batched_ms_per_image']:.2f} ms per image (batched)"
+                 + (f", {inf['tta_views']} TTA view(s)" if "tta_views" in inf else f", {inf.get('members', 1)} member(s)"))
     if json_out:
         atomic_write_json(json_out, report)
+
+
+@app.command("ensemble")
+def ensemble_(
+    sources: Annotated[list[Path], typer.Argument(help="Run directories, or one ensemble recipe (.toml).")],
+    out: Annotated[Path, typer.Option("--out", help="Directory for the ensemble artifact (must not exist or be empty).")],
+    combiner: Annotated[Optional[str], typer.Option("--combiner", help="Ensembler plugin: average, stacking, ...")] = None,
+    fit_split: Annotated[Optional[str], typer.Option("--fit-split", help="Split to fit weights on (default val; never test).")] = None,
+    max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb", help="Refuse ensembles larger than this (default 500).")] = None,
+    override: Overrides = None,
+) -> None:
+    """Combine trained runs (classes matched by name) into a reusable ensemble artifact."""
+    from . import ensemble
+    from .console import metrics_tables, stdout
+    from .recipe import apply_overrides, read_toml
+
+    if len(sources) == 1 and sources[0].suffix == ".toml":
+        raw = apply_overrides(read_toml(sources[0]), override or [])
+        where = str(sources[0])
+    else:
+        raw = apply_overrides({"members": [str(s) for s in sources]}, override or [])
+        where = "command line"
+    raw.update({k: v for k, v in {"combiner": {"plugin": combiner} if combiner else None, "fit_split": fit_split,
+                                  "max_size_mb": max_size_mb}.items() if v is not None})
+    spec = ensemble.validate_spec(raw, where)
+    report = ensemble.build(spec, out)
+    metrics_tables(report, title=f"ensemble of {len(spec.members)} on '{report['split']}'")
+    table = Table(title="members")
+    for col in ("run", "accuracy", "macro-F1", "ECE", "MB", "ms/img (batch)", "ms/img (single)"):
+        table.add_column(col)
+    for m in report["members"] + [{"run": "ensemble", **{k: report[k] for k in ("accuracy", "macro_f1", "ece", "size_mb", "batched_ms_per_image", "single_image_ms")}}]:
+        table.add_row(m["run"], f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['ece']:.4f}", f"{m['size_mb']:.1f}",
+                      f"{m['batched_ms_per_image']:.2f}", f"{m['single_image_ms']:.1f}")
+    stdout.print(table)
+    stdout.print(f"ensemble written to {out} ({report['size_mb']:.1f} MB of weights)")
 
 
 @app.command()

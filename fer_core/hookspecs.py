@@ -22,6 +22,7 @@ KINDS: dict[str, str] = {
     "augmenter": "register_augmenters",
     "batch_transform": "register_batch_transforms",
     "sampler": "register_samplers",
+    "tta": "register_tta",
     "callback": "register_callbacks",
     "ensembler": "register_ensemblers",
     "tuner": "register_tuners",
@@ -64,6 +65,10 @@ class FerSpecs:
     @hookspec
     def register_samplers(self, register):
         """``factory(labels: list[int], task: TaskInfo, /, **params) -> callable(seed) -> torch Sampler``"""
+
+    @hookspec
+    def register_tta(self, register):
+        """``factory(pre: Preprocessing, /, **params) -> TestTimeAugmentation``"""
 
     @hookspec
     def register_callbacks(self, register):

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+import time
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +19,7 @@ from .data import check_images
 from .engine import BEST, metrics_from_predictions, predict, softmax
 from .errors import FerError
 from .hardware import Precision, resolve_device, resolve_precision
-from .interfaces import Preprocessing, Sample
+from .interfaces import Preprocessing, Sample, TestTimeAugmentation
 from .model import FerModel
 from .recipe import Recipe, apply_overrides, read_toml, validate
 from .registry import Registry, get_registry
@@ -94,23 +95,35 @@ def split_samples(run: LoadedRun, split: str | None) -> tuple[str, list[Sample]]
 
 
 def run_predictions(run: LoadedRun, samples: Sequence[Sample],
-                    views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
-    """Logits per head (and labels) over samples; with ``views`` (test-time augmentation) the
-    logits of every view are averaged."""
-    model = run.model
-    if views is not None:
-        model = _ViewAveraging(run.model, views)
+                    tta: TestTimeAugmentation | None = None) -> dict[str, np.ndarray]:
+    """Logits per head (and labels) over samples; with test-time augmentation the views'
+    predictions are combined (see ViewAveraging)."""
+    model = run.model if tta is None else ViewAveraging(run.model, tta)
     return predict(model, run.loader(samples), run.device, run.precision)
 
 
-class _ViewAveraging(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module, views: Callable[[torch.Tensor], list[torch.Tensor]]) -> None:
+class ViewAveraging(torch.nn.Module):
+    """A model whose outputs combine those of every TTA view. With ``combine = "probs"`` the
+    emotion output is log(mean softmax) and the AU output logit(mean sigmoid), so that the usual
+    softmax/sigmoid downstream yields the averaged probabilities; with "logits", the mean logit."""
+
+    def __init__(self, model: torch.nn.Module, tta: TestTimeAugmentation) -> None:
         super().__init__()
-        self.model, self.views = model, views
+        self.model, self.tta = model, tta
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        outs = [self.model(v) for v in self.views(images)]
-        return {k: torch.stack([o[k].float() for o in outs]).mean(0) for k in outs[0]}
+        outs = [self.model(v) for v in self.tta(images)]
+        combined: dict[str, torch.Tensor] = {}
+        for k in outs[0]:
+            stack = torch.stack([o[k].float() for o in outs])
+            if getattr(self.tta, "combine", "probs") == "logits":
+                combined[k] = stack.mean(0)
+            elif k == "emotion":
+                combined[k] = (torch.logsumexp(torch.log_softmax(stack, -1), 0) - np.log(len(outs)))
+            else:
+                p = torch.sigmoid(stack).mean(0).clamp(1e-7, 1 - 1e-7)
+                combined[k] = torch.log(p) - torch.log1p(-p)
+        return combined
 
 
 def evaluate_predictions(run: LoadedRun, pred: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -120,11 +133,24 @@ def evaluate_predictions(run: LoadedRun, pred: dict[str, np.ndarray]) -> dict[st
     return report
 
 
-def evaluate(run_dir: Path, split: str | None, overrides: Sequence[str]) -> dict[str, Any]:
+def build_tta(run: LoadedRun) -> TestTimeAugmentation:
+    """The recipe's [tta] table, or the standard plugin's defaults (identity + mirror)."""
+    spec = run.recipe.tta.spec() if run.recipe.tta is not None else {"plugin": "standard"}
+    return run.registry.build("tta", spec, "tta", run.preprocessing)
+
+
+def evaluate(run_dir: Path, split: str | None, overrides: Sequence[str], tta: bool = False) -> dict[str, Any]:
     run = load_run(run_dir, overrides)
     split, samples = split_samples(run, split)
-    report = evaluate_predictions(run, run_predictions(run, samples))
-    return {"split": split, "run": str(run_dir), **report}
+    views = build_tta(run) if tta else None
+    t0 = time.perf_counter()
+    pred = run_predictions(run, samples, views)
+    seconds = time.perf_counter() - t0
+    report = evaluate_predictions(run, pred)
+    n_views = len(views(torch.zeros(1, run.preprocessing.channels, *run.preprocessing.input_size))) if views else 1
+    return {"split": split, "run": str(run_dir), **report,
+            "inference": {"device": str(run.device), "precision": run.precision.name, "tta_views": n_views,
+                          "batched_ms_per_image": 1000 * seconds / max(len(samples), 1)}}
 
 
 def probabilities(run: LoadedRun, logits: np.ndarray) -> np.ndarray:
@@ -159,3 +185,16 @@ def run_logits(run: LoadedRun, images: torch.Tensor, pre: Preprocessing) -> torc
     x = adapt_images(images.to(run.device), pre, run.preprocessing) if pre != run.preprocessing else images.to(run.device)
     with autocast(run.device, run.precision):
         return run.model(x)["emotion"].float()
+
+
+def single_image_latency_ms(run: LoadedRun, samples: Sequence[Sample], n: int = 32) -> float:
+    """Mean wall time of one image end to end (decode, preprocess, forward) at batch size 1."""
+    picked = list(samples[: n + 2])
+    loader = run.loader(picked, batch_size=1)
+    times = []
+    for i, batch in enumerate(loader):
+        t0 = time.perf_counter()
+        predict(run.model, [batch], run.device, run.precision)
+        if i >= 2:  # the first calls warm up allocators and kernels
+            times.append(time.perf_counter() - t0)
+    return 1000 * float(np.mean(times)) if times else float("nan")

@@ -170,12 +170,29 @@ class RunInfo:
     state: dict[str, Any] = field(default_factory=dict)  # callbacks may keep small JSON-able state here
 
 
+class TestTimeAugmentation(Protocol):
+    """Deterministic views of a normalised batch (B×C×H×W each, same size as the input) whose
+    predictions are combined: ``combine`` is "probs" (mean of probabilities) or "logits"."""
+
+    combine: str
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]: ...
+
+
 class Ensembler(Protocol):
-    """Combines per-model class probabilities/logits (aligned by class name) into one."""
+    """Combines members' class scores (N×C numpy arrays, aligned by class name: probabilities,
+    or logits when the combiner says ``space = "logits"``) into N×C probabilities. ``fit`` sees
+    the validation split only; ``state`` must be JSON-able (it is stored in the ensemble artifact)."""
 
-    def fit(self, per_model: Sequence[torch.Tensor], labels: torch.Tensor) -> None: ...
+    space: str
 
-    def __call__(self, per_model: Sequence[torch.Tensor]) -> torch.Tensor: ...
+    def fit(self, per_model: Sequence["np.ndarray"], labels: "np.ndarray") -> None: ...
+
+    def __call__(self, per_model: Sequence["np.ndarray"]) -> "np.ndarray": ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
 
 
 class Tuner(Protocol):

@@ -99,6 +99,7 @@ class Recipe(_Strict):
     augment: Component = Field(default_factory=lambda: Component(plugin="basic"))
     batch_transforms: list[Component] = Field(default_factory=list)
     sampler: Component | None = None
+    tta: Component | None = None  # test-time augmentation for `fer eval --tta`
     callbacks: list[Component] = Field(default_factory=list)
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
@@ -189,6 +190,8 @@ def components(recipe: Recipe) -> list[tuple[str, Component, str]]:
     out.append(("augmenter", recipe.augment, "augment"))
     if recipe.sampler is not None:
         out.append(("sampler", recipe.sampler, "sampler"))
+    if recipe.tta is not None:
+        out.append(("tta", recipe.tta, "tta"))
     out += [("batch_transform", bt, f"batch_transforms[{i}]") for i, bt in enumerate(recipe.batch_transforms)]
     out += [("callback", cb, f"callbacks[{i}]") for i, cb in enumerate(recipe.callbacks)]
     if recipe.tracking.enabled:
