@@ -173,9 +173,15 @@ def recipe_check(
 ) -> None:
     """Validate a recipe (structure and every plugin's parameters) without running anything."""
     from .console import stdout
-    from .recipe import dump_toml, load
+    from .recipe import apply_overrides, dump_toml, load, read_toml
 
-    rec, raw = load(recipe, override or [])
+    data = apply_overrides(read_toml(recipe), override or [])
+    if "members" in data:  # an ensemble recipe
+        from .ensemble import validate_spec
+
+        raw = validate_spec(data, str(recipe)).model_dump(mode="json")
+    else:
+        _, raw = load(recipe, override or [])
     if show:
         stdout.print(dump_toml(raw), markup=False, highlight=False)
     stdout.print(f"{recipe}: valid")
