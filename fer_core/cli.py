@@ -87,6 +87,20 @@ def eval_(
         atomic_write_json(json_out, report)
 
 
+@app.command()
+def calibrate(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Validation split to fit on (never test).")] = None,
+) -> None:
+    """Fit temperature scaling on validation data and store it in the run's best.pt."""
+    from .console import stdout
+    from .inference import calibrate as fit
+
+    cal = fit(run_dir, split)
+    stdout.print(f"{run_dir}: temperature {cal['temperature']:.3f} fitted on '{cal['split']}'; "
+                 f"ECE {cal['ece']:.4f} → {cal['ece_calibrated']:.4f}; NLL {cal['nll']:.4f} → {cal['nll_calibrated']:.4f}")
+
+
 @app.command("ensemble")
 def ensemble_(
     sources: Annotated[list[Path], typer.Argument(help="Run directories, or one ensemble recipe (.toml).")],

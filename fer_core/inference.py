@@ -198,3 +198,29 @@ def single_image_latency_ms(run: LoadedRun, samples: Sequence[Sample], n: int = 
         if i >= 2:  # the first calls warm up allocators and kernels
             times.append(time.perf_counter() - t0)
     return 1000 * float(np.mean(times)) if times else float("nan")
+
+
+def calibrate(run_dir: Path, split: str | None = None) -> dict[str, float]:
+    """Fit the temperature of an existing run on a validation split and store it in best.pt
+    (and in metrics.json); for runs trained before calibration existed, or on other data."""
+    from .calibration import fit_temperature
+
+    run = load_run(run_dir)
+    split = split or run.recipe.data.val_split
+    if "test" in split.lower():
+        raise FerError(f"--split: '{split}' looks like a test split; calibrate on validation data only")
+    split, samples = split_samples(run, split)
+    pred = run_predictions(run, samples)
+    t = fit_temperature(pred["logits.emotion"], pred["label"])
+    report = calibration_report(pred["logits.emotion"], pred["label"], t)
+    ckpt = checkpoint.load(run_dir / BEST)
+    ckpt["temperature"] = t
+    checkpoint.save(run_dir / BEST, ckpt)
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        import json
+
+        metrics = json.loads(metrics_path.read_text())
+        metrics["calibration"] = {**report, "split": split}
+        checkpoint.atomic_write_json(metrics_path, metrics)
+    return {**report, "split": split}

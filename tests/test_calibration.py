@@ -62,3 +62,19 @@ def test_runs_store_a_temperature_and_report_ece_before_and_after(write_recipe, 
     ev = evaluate(out, None, [])
     assert ev["calibration"]["temperature"] == pytest.approx(cal["temperature"])
     assert ev["accuracy"] == pytest.approx(final["accuracy"])
+
+
+def test_calibrate_command_stores_a_temperature_in_an_existing_run(write_recipe, tmp_path):
+    from fer_core.runner import train
+    from test_cli import fer
+
+    out = tmp_path / "old"
+    train(write_recipe(epochs=1), [], out, None)
+    ck = checkpoint.load(out / "best.pt")
+    del ck["temperature"]  # as written by a version without calibration
+    checkpoint.save(out / "best.pt", ck)
+    r = fer("calibrate", str(out))
+    assert r.returncode == 0 and "temperature" in r.stdout, r.stderr
+    assert "temperature" in checkpoint.load(out / "best.pt")
+    r = fer("calibrate", str(out), "--split", "test")
+    assert r.returncode == 2 and "looks like a test split" in r.stderr
