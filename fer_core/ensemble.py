@@ -17,14 +17,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .calibration import calibration_report, reliability
 from .checkpoint import atomic_write_json, atomic_write_text
 from .errors import FerError
-from .inference import (LoadedRun, load_run, probabilities, run_predictions, single_image_latency_ms,
-                        split_samples)
-from .interfaces import Sample
+from .inference import (LoadedRun, load_run, probabilities, run_logits, run_predictions,
+                        single_image_latency_ms, split_samples)
+from .interfaces import Preprocessing, Sample
 from .metrics import classification_metrics
 from .recipe import Component, dump_toml
 from .registry import get_registry
@@ -145,6 +146,17 @@ class Ensemble:
 
     def probabilities(self, samples: Sequence[Sample]) -> np.ndarray:
         return self.combiner([member_scores(r, samples, self.classes, self.combiner.space)[0] for r in self.runs])
+
+    def logits(self, images: "torch.Tensor", pre: Preprocessing) -> "torch.Tensor":
+        """Log of the combined probabilities for a batch prepared with preprocessing ``pre``
+        (each member adapts it to its own), in the ensemble's class order: a distillation teacher."""
+        per_model = []
+        for r in self.runs:
+            logits = run_logits(r, images, pre).cpu().numpy()
+            scores = probabilities(r, logits) if self.combiner.space == "probs" else logits / r.temperature
+            per_model.append(_aligned(r, scores, self.classes))
+        probs = self.combiner(per_model)
+        return torch.log(torch.as_tensor(probs, dtype=torch.float32).clamp_min(1e-12)).to(images.device)
 
 
 def is_ensemble(path: Path) -> bool:

@@ -114,3 +114,16 @@ def test_stacking_and_cli_round_trip(run_dir, tmp_path):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
     r = fer("eval", str(out))
     assert r.returncode == 0 and "2 member(s)" in r.stdout, r.stderr
+
+
+def test_ensemble_logits_for_a_batch_match_its_probabilities(run_dir, tmp_path):
+    from fer_core.data import eval_transform, load_image
+
+    out = tmp_path / "ens"
+    build(validate_spec({"members": [str(run_dir), str(permuted_copy(run_dir, tmp_path / "rev"))]}, "t"), out)
+    ens = Ensemble(out)
+    run = ens.runs[0]
+    _, samples = split_samples(run, None)
+    images = torch.stack([eval_transform(run.preprocessing)(load_image(s.path, 1)) for s in samples[:6]])
+    got = torch.softmax(ens.logits(images, run.preprocessing), 1).numpy()
+    np.testing.assert_allclose(got, ens.probabilities(samples[:6]), atol=1e-5)
