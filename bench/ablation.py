@@ -3,10 +3,11 @@
 FER2013: the baseline recipe, each technique added alone, and all together, 3 seeds each.
 CK+: emotion-only vs AU-only vs multi-task (emotion + AU), subject-independent folds, 3 seeds.
 
-Every run is a real `fer run` (subprocess) into bench/out/ablation/<suite>/<config>/...; a run
-whose metrics.json exists is skipped, a run with a checkpoint but no metrics is resumed, so
-starting the script again carries on where it stopped. After each run the results table
-docs/results.md is rewritten (atomically) from everything finished so far.
+Every run is a real `fer run` (subprocess) into bench/out/ablation/<suite>/<config>/...; its
+figures go to a small committed record bench/results/ablation/<suite>/<config>/<run>.json. A run
+with a record is skipped, a run with a checkpoint but no record is resumed, so starting the
+script again (in this session or a later one) carries on where it stopped. After each run the
+ablation section of docs/results.md is rewritten (atomically) from every record so far.
 
     .venv/bin/python bench/ablation.py                 # everything
     .venv/bin/python bench/ablation.py --suite fer2013 --seeds 0 1 2
@@ -28,9 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from fer_core.checkpoint import atomic_write_text  # noqa: E402
+from results_doc import RESULTS, update_section  # noqa: E402
 
-OUT = REPO / "bench" / "out" / "ablation"
-RESULTS = REPO / "docs" / "results.md"
+OUT = REPO / "bench" / "out" / "ablation"  # run directories (checkpoints): not committed
+RECORDS = REPO / "bench" / "results" / "ablation"  # one small JSON per finished run: committed
 
 # technique → overrides added to the baseline recipe (TOML values)
 FER_BASE = "recipes/ablation/fer2013_baseline.toml"
@@ -81,9 +83,13 @@ def command(suite: str, config: str, seed: int, fold: str | None) -> list[str]:
     return args
 
 
+def record_path(suite: str, config: str, seed: int, fold: str | None) -> Path:
+    return RECORDS / run_dir(suite, config, seed, fold).relative_to(OUT).with_suffix(".json")
+
+
 def run_one(suite: str, config: str, seed: int, fold: str | None) -> dict | None:
     out = run_dir(suite, config, seed, fold)
-    record = out / "ablation.json"
+    record = record_path(suite, config, seed, fold)
     if record.is_file():
         return json.loads(record.read_text())
     args = command(suite, config, seed, fold)
@@ -105,13 +111,14 @@ def run_one(suite: str, config: str, seed: int, fold: str | None) -> dict | None
            "macro_f1": m["macro_f1"], "balanced_accuracy": m["balanced_accuracy"], "au_mean_f1": m.get("au_mean_f1"),
            "best_epoch": m["best_epoch"], "seconds": round(time.time() - t0, 1), "precision": status.get("precision"),
            "command": shlex.join(command(suite, config, seed, fold))}
-    atomic_write_text(record, json.dumps(rec, indent=2))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(rec, indent=2) + "\n")
     print(f"  acc {rec['accuracy']:.4f}  macro-F1 {rec['macro_f1']:.4f}  ({rec['seconds']:.0f}s)", flush=True)
     return rec
 
 
 def collect() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(OUT.glob("*/*/*/ablation.json"))]
+    return [json.loads(p.read_text()) for p in sorted(RECORDS.glob("*/*/*.json"))]
 
 
 def mean_std(values: list[float]) -> str:
@@ -123,13 +130,13 @@ def mean_std(values: list[float]) -> str:
 
 
 def report(records: list[dict], seeds: list[int]) -> str:
-    lines = ["# Results", "",
-             "Every figure here is produced by `bench/ablation.py` (resumable; rerun it to fill in missing",
-             "rows) from real `fer run` invocations; each row's exact command is in",
-             "`bench/out/ablation/<suite>/<config>/<run>/ablation.json`. Values are percentages on the",
+    lines = ["Produced by `bench/ablation.py` (resumable; rerun it to fill in missing rows) from real",
+             "`fer run` invocations; each run's exact command and figures are in",
+             "`bench/results/ablation/<suite>/<config>/<run>.json`. Values are percentages on the",
              "validation split, mean ± sample std over seeds (n = number of finished runs).", ""]
     fer = [r for r in records if r["suite"] == "fer2013"]
-    lines += ["## FER2013: each technique added alone to the baseline", "",
+    lines = ["## Training techniques (ablation)", "", *lines]
+    lines += ["### FER2013: each technique added alone to the baseline", "",
               "Setup (chosen so that the whole ablation fits a 2-core CPU in a few hours): ResNet-10t from",
               "scratch, 48×48 grayscale (FER2013's native size, no upsampling cost), all 28,709 training",
               "images, 6 epochs, batch 64, AdamW lr 2e-3, bf16 autocast where the CPU has it. Baseline =",
@@ -155,7 +162,7 @@ def report(records: list[dict], seeds: list[int]) -> str:
               "(one run: e.g. `" + shlex.join(command("fer2013", "+focal_loss", 0, None)) + "`)", ""]
 
     ck = [r for r in records if r["suite"] == "ckplus"]
-    lines += ["## CK+: multi-task emotion + AU learning", "",
+    lines += ["### CK+: multi-task emotion + AU learning", "",
               f"Subject-independent folds {', '.join(CK_FOLDS)} of the 10 in `ckplus48_au/labels.csv` (each fold",
               "held out in turn; no subject on both sides), 3 seeds, ResNet-10t from scratch at 48×48, 30 epochs,",
               "recipe `recipes/ckplus_multitask.toml`. For each seed the folds are averaged; the table gives",
@@ -198,8 +205,8 @@ def main() -> None:
             if args.configs and config not in args.configs:
                 continue
             run_one(suite, config, seed, fold)
-            atomic_write_text(RESULTS, report(collect(), args.seeds))
-    atomic_write_text(RESULTS, report(collect(), args.seeds))
+            update_section("ablation", report(collect(), args.seeds))
+    update_section("ablation", report(collect(), args.seeds))
     print(f"wrote {RESULTS}")
 
 
