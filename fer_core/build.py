@@ -140,6 +140,11 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
         scheduler = reg.build("scheduler", recipe.schedule.spec(), "schedule", optimizer, info)
     batch_transforms = [reg.build("batch_transform", bt.spec(), f"batch_transforms[{i}]", task, info)
                         for i, bt in enumerate(recipe.batch_transforms)]
+    for bt in batch_transforms:  # optional hand-overs, e.g. for a distillation teacher
+        if hasattr(bt, "set_student_preprocessing"):
+            bt.set_student_preprocessing(pre)
+        if hasattr(bt, "set_train_samples"):
+            bt.set_train_samples(train_ds.samples)  # batch["index"] indexes this list
     callbacks = [reg.build("callback", cb.spec(), f"callbacks[{i}]") for i, cb in enumerate(recipe.callbacks)]
     if recipe.tracking.enabled:
         callbacks.append(reg.build("callback", recipe.tracking.spec(), "tracking"))
