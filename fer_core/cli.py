@@ -101,6 +101,39 @@ def calibrate(
                  f"ECE {cal['ece']:.4f} → {cal['ece_calibrated']:.4f}; NLL {cal['nll']:.4f} → {cal['nll_calibrated']:.4f}")
 
 
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
+    split: Annotated[Optional[str], typer.Option("--split", help="Split to analyse (default: validation).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default RUN/report).")] = None,
+    no_gradcam: Annotated[bool, typer.Option("--no-gradcam", help="Skip the Grad-CAM grid (faster).")] = False,
+    override: Overrides = None,
+) -> None:
+    """Write a self-contained HTML report: curves, confusion, per-class bars, confused pairs,
+    reliability diagram and Grad-CAM grid."""
+    from .console import stdout
+    from .report import write_report
+
+    path = write_report(run_dir, out, split=split, overrides=override or [], gradcam=not no_gradcam)
+    stdout.print(f"report: {path}")
+
+
+@app.command()
+def explain(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
+    images: Annotated[list[Path], typer.Argument(help="Face images to explain.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default RUN/explain).")] = None,
+    target: Annotated[str, typer.Option("--target", help="Class to explain (default: the predicted one).")] = "predicted",
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Module name of the Grad-CAM layer (default: automatic).")] = None,
+) -> None:
+    """Grad-CAM overlays: which parts of each face drove the prediction."""
+    from .console import stdout
+    from .explain import explain_images
+
+    paths = explain_images(run_dir, images, out or run_dir / "explain", target=target, layer=layer)
+    stdout.print(f"wrote {len(paths)} overlay(s) to {paths[0].parent if paths else out}")
+
+
 @app.command("ensemble")
 def ensemble_(
     sources: Annotated[list[Path], typer.Argument(help="Run directories, or one ensemble recipe (.toml).")],

@@ -16,7 +16,9 @@ class TimmBackbone(Backbone):
     def __init__(self, model: torch.nn.Module, pre: Preprocessing) -> None:
         super().__init__()
         self.model = model
-        self.feature_dim = int(model.num_features)
+        # with num_classes=0 timm returns the pre-logits features: head_hidden_size where a model
+        # has a hidden head layer (e.g. MobileNetV3), else num_features
+        self.feature_dim = int(getattr(model, "head_hidden_size", None) or model.num_features)
         self.preprocessing = pre
         # patch-token models gain nothing from channels_last
         self.prefers_channels_last = not hasattr(model, "patch_embed")
@@ -28,7 +30,8 @@ class TimmBackbone(Backbone):
         self.model.set_grad_checkpointing(enable)
 
 
-def _create(name: str, pretrained: bool, in_chans: int, drop_path_rate: float, file: str | None, seed: int) -> torch.nn.Module:
+def _create(name: str, pretrained: bool, in_chans: int, drop_path_rate: float, file: str | None, seed: int,
+            input_size: int = 0) -> torch.nn.Module:
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -36,6 +39,12 @@ def _create(name: str, pretrained: bool, in_chans: int, drop_path_rate: float, f
         kwargs["pretrained_cfg_overlay"] = {"file": file}
     with torch.random.fork_rng():
         torch.manual_seed(seed)
+        if input_size:
+            # fixed-size models (ViT, Swin, ...) must be built for the input size; CNNs reject the argument
+            try:
+                return timm.create_model(name, pretrained=pretrained, img_size=input_size, **kwargs)
+            except TypeError:
+                torch.manual_seed(seed)
         return timm.create_model(name, pretrained=pretrained, **kwargs)
 
 
@@ -75,15 +84,15 @@ def make_timm_backbone(
             raise FerError(f"model.backbone.pretrained: weights file '{pretrained}' not found")
         file = str(path.resolve())
     try:
-        model = _create(name, bool(pretrained), in_chans, drop_path_rate, file, seed=0)
+        model = _create(name, bool(pretrained), in_chans, drop_path_rate, file, seed=0, input_size=input_size)
     except FerError:
         raise
     except Exception as e:
         raise FerError(f"model.backbone: timm could not create '{name}' (pretrained={pretrained!r}): {e}") from None
     if pretrained:
         # timm may load a file with foreign key names without complaint; make sure it loaded
-        frac = loaded_fraction(model, _create(name, False, in_chans, drop_path_rate, None, seed=0),
-                               _create(name, False, in_chans, drop_path_rate, None, seed=1))
+        frac = loaded_fraction(model, _create(name, False, in_chans, drop_path_rate, None, 0, input_size),
+                               _create(name, False, in_chans, drop_path_rate, None, 1, input_size))
         if frac < 0.5:
             raise FerError(
                 f"model.backbone.pretrained: '{pretrained}' set only {frac:.0%} of timm '{name}' weights; "

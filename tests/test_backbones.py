@@ -26,6 +26,9 @@ def test_timm_backbone_features_and_preprocessing():
     bb.set_grad_checkpointing(True)  # timm supports it; must not raise
     vit = build({"plugin": "timm", "name": "vit_tiny_patch16_224", "input_size": 32})
     assert vit.prefers_channels_last is False
+    assert vit(torch.randn(2, 3, 32, 32)).shape == (2, vit.feature_dim)  # built for 32×32
+    mnv3 = build({"plugin": "timm", "name": "mobilenetv3_small_050", "input_size": 32})
+    assert mnv3(torch.randn(2, 3, 32, 32)).shape == (2, mnv3.feature_dim)  # head_hidden_size, not num_features
 
 
 def test_timm_local_weights_file_loads(tmp_path):
