@@ -55,7 +55,9 @@ class Component:
             fields[n] = (ann, default)
         model = create_model(
             f"{self.kind}_{self.name}_params",
-            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False),
+            # `-o key=5` arrives as a number: accept it where the plugin wants a string
+            __config__=ConfigDict(extra="forbid", arbitrary_types_allowed=True, strict=False,
+                                  coerce_numbers_to_str=True),
             **fields,
         )
         try:

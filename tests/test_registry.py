@@ -62,6 +62,8 @@ def test_factory_signature_is_the_recipe_schema():
     reg = get_registry()
     comp = reg.get("head", "mlp", "model.heads.emotion")
     assert comp.validate({"hidden": "128"}, "h") == {"hidden": 128, "dropout": 0.3, "activation": "relu"}
+    csv = reg.get("dataset", "csv", "data")
+    assert csv.validate({"root": "x", "holdout_column": "fold", "holdout_value": 5}, "data")["holdout_value"] == "5"
     with pytest.raises(FerError, match=r"h\.activation: .*'relu' or 'gelu'"):
         comp.validate({"activation": "tanh"}, "h")
     with pytest.raises(FerError, match=r"h\.hiden: unknown key .*did you mean 'hidden'"):
