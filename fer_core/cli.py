@@ -197,7 +197,7 @@ def data(
     stdout.print(table)
     if splits.au_names:
         info = splits.task_info()
-        labelled = sum(1 for s in splits.train if s.au is not None)
+        labelled = info.au_labelled
         au = Table(title=f"AU frequency in train ({labelled} images with AU labels)")
         au.add_column("AU")
         au.add_column("positives", justify="right")
