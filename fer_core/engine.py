@@ -279,7 +279,7 @@ class Engine:
         loader = self.train_loader.epoch(epoch)
         n_batches = len(self.train_loader)
         accum = self.cfg.accumulate_steps
-        self._emit_progress("on_epoch_start", epoch, n_batches)
+        self._emit("on_epoch_start", epoch, n_batches)
         total_loss, seen, t0 = 0.0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
@@ -308,7 +308,7 @@ class Engine:
             total_loss += loss_value * n
             seen += n
             elapsed = time.perf_counter() - t0
-            self._emit_progress("on_train_batch_end", epoch, i + 1, {
+            self._emit("on_train_batch_end", epoch, i + 1, {
                 "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"],
                 "img_s": seen / elapsed if elapsed > 0 else 0.0,
                 **{f"loss_{k}": float(v) for k, v in parts.items()},
@@ -333,12 +333,6 @@ class Engine:
         self.state.global_step += 1
         if self.scheduler is not None and getattr(self.scheduler, "interval", "epoch") == "step":
             self.scheduler.step()
-
-    def _emit_progress(self, hook: str, *args: Any) -> None:
-        for cb in self.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None:
-                fn(self.run, *args)
 
     def validate(self) -> dict[str, Any]:
         pred = predict(self.forward, self.val_loader, self.device, self.precision, self.cfg.channels_last)
