@@ -174,12 +174,16 @@ def report(records: list[dict], seeds: list[int]) -> str:
         for r in rs:
             per_seed.setdefault(r["seed"], []).append(r)
         def avg(key: str) -> list[float]:
-            return [statistics.mean(x[key] for x in v) for v in per_seed.values() if all(x.get(key) is not None for x in v)]
+            # only seeds whose every fold has finished: a partial fold set would bias the mean
+            return [statistics.mean(x[key] for x in v) for v in per_seed.values()
+                    if len(v) == len(CK_FOLDS) and all(x.get(key) is not None for x in v)]
         au = avg("au_mean_f1") if config != "emotion_only" else []
         acc = avg("accuracy") if config != "au_only" else []
         f1 = avg("macro_f1") if config != "au_only" else []
         minutes = f"{statistics.mean(r['seconds'] for r in rs) / 60:.1f}" if rs else "—"
-        lines.append(f"| {config} | {len(rs)} | {mean_std(acc)} | {mean_std(f1)} | {mean_std(au)} | {minutes} |")
+        seeds_done = sum(len(v) == len(CK_FOLDS) for v in per_seed.values())
+        lines.append(f"| {config} | {len(rs)} ({seeds_done} seeds complete) | {mean_std(acc)} | {mean_std(f1)} | "
+                     f"{mean_std(au)} | {minutes} |")
     lines += ["", "`emotion_only` has no AU head; `au_only` trains only the AU head (its emotion head is",
               "untrained, so its accuracy is not reported); `multitask` = 0.7·CE + 0.3·AU-BCE.", "",
               f"Command: `.venv/bin/python bench/ablation.py --suite ckplus --seeds {' '.join(map(str, seeds))}`", ""]
