@@ -18,6 +18,7 @@ from typing import Literal
 
 from fer_core.errors import FerError
 from fer_core.hookspecs import hookimpl
+from fer_plugins.data_rafce import read_lines  # the same line reader, one copy
 from fer_core.interfaces import DataSource, Sample
 
 BASIC = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
@@ -45,21 +46,6 @@ def register_datasets(register):
     register("rafdb", make_rafdb_dataset)
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise FerError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise FerError(f"cannot read {path}: {e.strerror}") from None
-    out = []
-    for n, line in enumerate(text.split("\n"), start=1):
-        line = line.rstrip("\r").strip()
-        if line:
-            out.append((n, line))
-    return out
-
-
 def make_rafdb_dataset(
     *,
     root: str,
@@ -83,7 +69,7 @@ def make_rafdb_dataset(
     expected = f"expected '<split>_<id>.jpg <label 1-{k}>' ({subset} subset)"
     splits: dict[str, list[Sample]] = {}
     seen: dict[str, int] = {}
-    for n, line in _read_lines(label_file):
+    for n, line in read_lines(label_file, "RAF-DB label"):
         parts = line.split()
         if len(parts) != 2 or not _INT.fullmatch(parts[1]):
             raise FerError(f"{label_file}:{n}: {expected}, got {line!r}")
