@@ -26,6 +26,18 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Opt-in for modules of tiny-tensor tests: intra-op threads only add contention there
+    (10-100x slower on a loaded machine)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def fer_subset(tmp_path_factory) -> Path:
     """A labels CSV naming a small, fixed subset of the real FER2013 images (10 train + 5 val

@@ -24,13 +24,8 @@ FAST = settings(max_examples=60, deadline=None)
 INFO = ScheduleInfo(epochs=1, steps_per_epoch=1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: intra-op threads only add contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def task_of(classes: list[str]) -> TaskInfo:

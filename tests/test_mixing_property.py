@@ -16,13 +16,8 @@ from fer_plugins.mixing import make_cutmix, make_mix, make_mixup
 FAST = settings(max_examples=50, deadline=None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add contention (10-100x slower on a loaded machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Tiny tensors: intra-op threads only add contention.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def task_of(c: int, k: int = 0) -> TaskInfo:
