@@ -1,6 +1,8 @@
 """Ablation of the plan's training techniques on real faces; resumable.
 
 FER2013: the baseline recipe, each technique added alone, and all together, 3 seeds each.
+FER2013 at 20 epochs: baseline, strong augmentation and all together, one seed (do the heavy
+regularizers just need longer training?).
 CK+: emotion-only vs AU-only vs multi-task (emotion + AU), subject-independent folds, 3 seeds.
 
 Every run is a real `fer run` (subprocess) into bench/out/ablation/<suite>/<config>/...; its
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "bench")]  # run as a script or imported by tests
 from fer_core.checkpoint import atomic_write_text  # noqa: E402
 from results_doc import RESULTS, update_section  # noqa: E402
 
@@ -55,6 +57,13 @@ FER_CONFIGS: dict[str, list[str]] = {
     "all_together": [STRONG, MIX, FOCAL, WARMUP, OVERSAMPLE],
 }
 
+# 6 epochs is what 27 runs on 2 cores allow; heavy regularizers may need longer to pay off, so a
+# smaller check repeats the baseline and the two heaviest configurations at 20 epochs
+# (StepLR's step moved to keep its position at 2/3 of training).
+LONG_EPOCHS = 20
+LONG_OVERRIDES = [f"train.epochs={LONG_EPOCHS}", "schedule.step_size=14"]
+LONG_CONFIGS = ["baseline", "+strong_augmentation", "all_together"]
+
 CK_BASE = "recipes/ckplus_multitask.toml"
 CK_CONFIGS: dict[str, list[str]] = {
     "emotion_only": ['model.heads={ emotion = { plugin = "linear", dropout = 0.2 } }',
@@ -71,8 +80,10 @@ def run_dir(suite: str, config: str, seed: int, fold: str | None) -> Path:
 
 
 def command(suite: str, config: str, seed: int, fold: str | None) -> list[str]:
-    base = FER_BASE if suite == "fer2013" else CK_BASE
-    overrides = (FER_CONFIGS if suite == "fer2013" else CK_CONFIGS)[config]
+    base = CK_BASE if suite == "ckplus" else FER_BASE
+    overrides = CK_CONFIGS[config] if suite == "ckplus" else FER_CONFIGS[config]
+    if suite == "fer2013_long":  # before the configuration's own: a replaced schedule table wins
+        overrides = [*LONG_OVERRIDES, *overrides]
     args = ["fer", "run", base, "--out", str(run_dir(suite, config, seed, fold).relative_to(REPO)),
             "-o", f"train.seed={seed}", "-o", f"name={suite}_{config}",
             "-o", f"tracking.uri=sqlite:///{(OUT / 'mlflow.db').relative_to(REPO)}"]
@@ -129,6 +140,25 @@ def mean_std(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
+def fer_table(records: list[dict], configs: list[str]) -> list[str]:
+    """Markdown rows: each configuration against the baseline of the same records."""
+    lines = ["| configuration | n | accuracy | macro-F1 | Δ acc vs baseline | Δ macro-F1 | min/run |",
+             "|---|---|---|---|---|---|---|"]
+    base = [r for r in records if r["config"] == "baseline"]
+    b_acc = statistics.mean(r["accuracy"] for r in base) if base else None
+    b_f1 = statistics.mean(r["macro_f1"] for r in base) if base else None
+    for config in configs:
+        rs = [r for r in records if r["config"] == config]
+        acc = [r["accuracy"] for r in rs]
+        f1 = [r["macro_f1"] for r in rs]
+        compare = rs and b_acc is not None and config != "baseline"
+        d_acc = f"{100 * (statistics.mean(acc) - b_acc):+.2f}" if compare else ""
+        d_f1 = f"{100 * (statistics.mean(f1) - b_f1):+.2f}" if compare else ""
+        minutes = f"{statistics.mean(r['seconds'] for r in rs) / 60:.1f}" if rs else "—"
+        lines.append(f"| {config} | {len(rs)} | {mean_std(acc)} | {mean_std(f1)} | {d_acc} | {d_f1} | {minutes} |")
+    return lines
+
+
 def report(records: list[dict], seeds: list[int]) -> str:
     lines = ["Produced by `bench/ablation.py` (resumable; rerun it to fill in missing rows) from real",
              "`fer run` invocations; each run's exact command and figures are in",
@@ -142,24 +172,20 @@ def report(records: list[dict], seeds: list[int]) -> str:
               "images, 6 epochs, batch 64, AdamW lr 2e-3, bf16 autocast where the CPU has it. Baseline =",
               "the plan's \"current status\": basic resize/flip, plain cross-entropy, StepLR (×0.1 at epoch 4).",
               "Validation = FER2013 PublicTest (`val`, 3,589 images); the private test split is untouched.", "",
-              "| configuration | n | accuracy | macro-F1 | Δ acc vs baseline | Δ macro-F1 | min/run |",
-              "|---|---|---|---|---|---|---|"]
-    base = [r for r in fer if r["config"] == "baseline"]
-    b_acc = statistics.mean(r["accuracy"] for r in base) if base else None
-    b_f1 = statistics.mean(r["macro_f1"] for r in base) if base else None
-    for config in FER_CONFIGS:
-        rs = [r for r in fer if r["config"] == config]
-        acc = [r["accuracy"] for r in rs]
-        f1 = [r["macro_f1"] for r in rs]
-        d_acc = f"{100 * (statistics.mean(acc) - b_acc):+.2f}" if rs and b_acc is not None and config != "baseline" else ""
-        d_f1 = f"{100 * (statistics.mean(f1) - b_f1):+.2f}" if rs and b_f1 is not None and config != "baseline" else ""
-        minutes = f"{statistics.mean(r['seconds'] for r in rs) / 60:.1f}" if rs else "—"
-        lines.append(f"| {config} | {len(rs)} | {mean_std(acc)} | {mean_std(f1)} | {d_acc} | {d_f1} | {minutes} |")
+              *fer_table(fer, list(FER_CONFIGS))]
     lines += ["", "Overrides per configuration (added to `recipes/ablation/fer2013_baseline.toml` with `-o`):", ""]
     for config, ovs in FER_CONFIGS.items():
         lines.append(f"- `{config}`: " + (", ".join(f"`{o}`" for o in ovs) if ovs else "none"))
     lines += ["", f"Command: `.venv/bin/python bench/ablation.py --suite fer2013 --seeds {' '.join(map(str, seeds))}`",
               "(one run: e.g. `" + shlex.join(command("fer2013", "+focal_loss", 0, None)) + "`)", ""]
+
+    long = [r for r in records if r["suite"] == "fer2013_long"]
+    lines += [f"### FER2013 at {LONG_EPOCHS} epochs: do the heavy regularizers need longer training?", "",
+              "Same setup and overrides, but 20 epochs (StepLR step at epoch 14) and seed 0 only: a check",
+              "of whether 6 epochs penalise strong augmentation and the all-together recipe, not a",
+              "replacement for the 3-seed table above.", "",
+              *fer_table(long, LONG_CONFIGS), "",
+              "Command: `.venv/bin/python bench/ablation.py --suite fer2013_long --seeds 0`", ""]
 
     ck = [r for r in records if r["suite"] == "ckplus"]
     lines += ["### CK+: multi-task emotion + AU learning", "",
@@ -192,7 +218,8 @@ def report(records: list[dict], seeds: list[int]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=["fer2013", "ckplus", "all"], default="all")
+    ap.add_argument("--suite", choices=["fer2013", "ckplus", "fer2013_long", "all"], default="all",
+                    help="all = fer2013 and ckplus for every seed, then fer2013_long for the first seed")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--configs", nargs="*", help="only these configurations")
     ap.add_argument("--report-only", action="store_true")
@@ -205,6 +232,8 @@ def main() -> None:
                 jobs += [("fer2013", c, seed, None) for c in FER_CONFIGS]
             if args.suite in ("ckplus", "all"):
                 jobs += [("ckplus", c, seed, f) for c in CK_CONFIGS for f in CK_FOLDS]
+        long_seeds = args.seeds if args.suite == "fer2013_long" else args.seeds[:1] if args.suite == "all" else []
+        jobs += [("fer2013_long", c, seed, None) for seed in long_seeds for c in LONG_CONFIGS]
         for suite, config, seed, fold in jobs:
             if args.configs and config not in args.configs:
                 continue
