@@ -61,7 +61,8 @@ FER_CONFIGS: dict[str, list[str]] = {
 # smaller check repeats the baseline and the two heaviest configurations at 20 epochs
 # (StepLR's step moved to keep its position at 2/3 of training).
 LONG_EPOCHS = 20
-LONG_OVERRIDES = [f"train.epochs={LONG_EPOCHS}", "schedule.step_size=14"]
+LONG_STEP = 14
+LONG_OVERRIDES = [f"train.epochs={LONG_EPOCHS}", f"schedule.step_size={LONG_STEP}"]
 LONG_CONFIGS = ["baseline", "+strong_augmentation", "all_together"]
 
 CK_BASE = "recipes/ckplus_multitask.toml"
@@ -181,7 +182,7 @@ def report(records: list[dict], seeds: list[int]) -> str:
 
     long = [r for r in records if r["suite"] == "fer2013_long"]
     lines += [f"### FER2013 at {LONG_EPOCHS} epochs: do the heavy regularizers need longer training?", "",
-              "Same setup and overrides, but 20 epochs (StepLR step at epoch 14) and seed 0 only: a check",
+              f"Same setup and overrides, but {LONG_EPOCHS} epochs (StepLR step at epoch {LONG_STEP}) and seed 0 only: a check",
               "of whether 6 epochs penalise strong augmentation and the all-together recipe, not a",
               "replacement for the 3-seed table above.", "",
               *fer_table(long, LONG_CONFIGS), "",
