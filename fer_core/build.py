@@ -15,7 +15,8 @@ from .console import console
 from .data import EpochSeededLoader, ImageDataset, Splits, eval_transform, make_splits
 from .errors import FerError
 from .hardware import Precision, resolve_device, resolve_precision
-from .interfaces import Backbone, DataSource, Preprocessing, ScheduleInfo
+from .interfaces import (Backbone, DataSource, DeclaresTasks, NeedsStudentPreprocessing, NeedsTrainSamples,
+                         Preprocessing, RebalancesClasses, ReweightsClasses, ScheduleInfo, Seeded, supports)
 from .model import FerModel
 from .recipe import Recipe
 from .registry import Registry
@@ -106,7 +107,8 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     task = splits.task_info()
     loss = reg.build("loss", recipe.loss.spec(), "loss", task)
     torch.manual_seed(t.seed)  # identical initial weights for identical recipes
-    model = build_model(recipe, reg, splits.classes, splits.au_names, getattr(loss, "task_sizes", None))
+    model = build_model(recipe, reg, splits.classes, splits.au_names,
+                        loss.task_sizes if supports(loss, DeclaresTasks) else None)
     if t.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
     pre = model.preprocessing
@@ -114,7 +116,7 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     sampler = None
     if recipe.sampler is not None:
         sampler = reg.build("sampler", recipe.sampler.spec(), "sampler", [s.label for s in splits.train], task)
-        if getattr(loss, "reweights_classes", False) and getattr(sampler, "rebalances_classes", False):
+        if supports(loss, ReweightsClasses) and supports(sampler, RebalancesClasses):
             msg = (f"loss '{recipe.loss.plugin}' re-weights classes and sampler '{recipe.sampler.plugin}' "
                    "re-balances them: the minority classes are corrected twice; use one of the two")
             warnings.warn(msg, stacklevel=2)
@@ -125,7 +127,7 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     train_ds = ImageDataset(splits.train, augmenter, pre.channels, num_aus, cache=recipe.data.cache_images)
     train_loader = EpochSeededLoader(
         train_ds, batch_size=t.batch_size, shuffle=True, num_workers=workers, pin_memory=pin, seed=t.seed,
-        drop_last=len(train_ds) > t.batch_size, reseed=getattr(augmenter, "set_seed", None),
+        drop_last=len(train_ds) > t.batch_size, reseed=augmenter.set_seed if supports(augmenter, Seeded) else None,
         sampler_factory=sampler,
     )
     val_loader = eval_loader(splits.val, pre, num_aus, t.eval_batch_size or 2 * t.batch_size, workers, pin,
@@ -141,9 +143,9 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     batch_transforms = [reg.build("batch_transform", bt.spec(), f"batch_transforms[{i}]", task, info)
                         for i, bt in enumerate(recipe.batch_transforms)]
     for bt in batch_transforms:  # optional hand-overs, e.g. for a distillation teacher
-        if hasattr(bt, "set_student_preprocessing"):
+        if supports(bt, NeedsStudentPreprocessing):
             bt.set_student_preprocessing(pre)
-        if hasattr(bt, "set_train_samples"):
+        if supports(bt, NeedsTrainSamples):
             bt.set_train_samples(train_ds.samples)  # batch["index"] indexes this list
     callbacks = [reg.build("callback", cb.spec(), f"callbacks[{i}]") for i, cb in enumerate(recipe.callbacks)]
     if recipe.tracking.enabled:

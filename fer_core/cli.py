@@ -1,4 +1,10 @@
-"""The `fer` command. Errors the user can fix → exit code 2 and one line (traceback with --debug)."""
+"""The `fer` command: the kernel's commands (run, eval, data, recipe, plugins); every other
+command is contributed by a plugin through the ``register_commands(cli)`` hook.
+
+One error boundary: a problem the user can fix (``FerError``, and OS errors at known places) →
+exit code 2 and one line; only a genuine bug prints a traceback, with a line saying how to
+report it.
+"""
 
 from __future__ import annotations
 
@@ -24,24 +30,43 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True)
+recipe_app = typer.Typer(help="Work with recipe files.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(recipe_app, name="recipe")
 
-_state = {"debug": False}
+_state = {"debug": False, "commands_added": False}
 
 Overrides = Annotated[
     Optional[list[str]],
-    typer.Option("-o", "--override", help="Override a recipe value: key.path=value (TOML value), repeatable."),
+    typer.Option("-o", "--override", help="Override a recipe value: key.path=value (TOML value), repeatable.",
+                 metavar="KEY=VALUE"),
 ]
+RunArgument = Annotated[Path, typer.Argument(help="A run directory written by `fer run` (or an artifact).",
+                                             show_default=False)]
+REPORT_BUGS = "this is a bug in fer or a plugin: please report it with the traceback above and the command you ran"
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"fer {version('fer-toolkit')}")
+        raise typer.Exit()
 
 
 @app.callback()
-def _main(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False) -> None:
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     _state["debug"] = debug
 
 
-@app.command()
+@app.command(epilog="Examples: fer run recipes/quickstart.toml -o train.epochs=2 --out runs/try1 ;  "
+                    "fer run --resume runs/try1")
 def run(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe TOML file.", show_default=False)] = None,
     override: Overrides = None,
@@ -56,131 +81,48 @@ def run(
         raise FerError("give either a RECIPE file or --resume DIR")
     out_dir, final = train(recipe, override or [], out, resume)
     metrics_tables(final, title=f"best checkpoint (epoch {final['best_epoch']}) on validation")
-    stdout.print(f"run directory: {out_dir}  (metrics.json, best.pt, last.pt, recipe.toml)")
+    stdout.print(f"run directory: {out_dir}", markup=False, highlight=False)
+    for name, path in final.get("files", {}).items():
+        stdout.print(f"  {name}: {path}", markup=False, highlight=False)
 
 
-@app.command("eval")
+@app.command("eval", epilog="Examples: fer eval runs/try1 ;  fer eval runs/try1 --split test --tta ;  "
+                            "fer eval runs/try1 -o data.root=/data/other-copy")
 def eval_(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
+    run_dir: RunArgument,
     split: Annotated[Optional[str], typer.Option("--split", help="Split to evaluate (default: validation).")] = None,
     override: Overrides = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this file.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the recipe's [tta] table, or flips.")] = False,
 ) -> None:
-    """Evaluate a run's best checkpoint on a split of its dataset, or another (-o data.root=...)."""
-    from . import ensemble
+    """Evaluate a run's best checkpoint (or an ensemble) on a split of its dataset, or another."""
     from .checkpoint import atomic_write_json
     from .console import metrics_tables, stdout
-    from .inference import evaluate
+    from .predictor import evaluate
 
-    if ensemble.is_ensemble(run_dir):
-        if tta:
-            raise FerError("--tta: not supported for ensembles (evaluate the members with --tta)")
-        report = ensemble.evaluate(run_dir, split, override or [])
-    else:
-        report = evaluate(run_dir, split, override or [], tta=tta)
+    report = evaluate(run_dir, split, override or [], tta=tta)
     metrics_tables(report, title=f"{run_dir} on '{report['split']}'")
     inf = report["inference"]
-    stdout.print(f"inference: {inf['batched_ms_per_image']:.2f} ms per image (batched)"
-                 + (f", {inf['tta_views']} TTA view(s)" if "tta_views" in inf else f", {inf.get('members', 1)} member(s)"))
+    stdout.print(f"inference: {inf['batched_ms_per_image']:.2f} ms per image (batched), {inf['tta_views']} view(s)",
+                 markup=False)
     if json_out:
         atomic_write_json(json_out, report)
+        stdout.print(f"wrote {json_out}", markup=False, highlight=False)
 
 
-@app.command()
-def calibrate(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
-    split: Annotated[Optional[str], typer.Option("--split", help="Validation split to fit on (never test).")] = None,
-) -> None:
-    """Fit temperature scaling on validation data and store it in the run's best.pt."""
-    from .console import stdout
-    from .inference import calibrate as fit
-
-    cal = fit(run_dir, split)
-    stdout.print(f"{run_dir}: temperature {cal['temperature']:.3f} fitted on '{cal['split']}'; "
-                 f"ECE {cal['ece']:.4f} → {cal['ece_calibrated']:.4f}; NLL {cal['nll']:.4f} → {cal['nll_calibrated']:.4f}")
-
-
-@app.command()
-def report(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
-    split: Annotated[Optional[str], typer.Option("--split", help="Split to analyse (default: validation).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default RUN/report).")] = None,
-    no_gradcam: Annotated[bool, typer.Option("--no-gradcam", help="Skip the Grad-CAM grid (faster).")] = False,
-    override: Overrides = None,
-) -> None:
-    """Write a self-contained HTML report: curves, confusion, per-class bars, confused pairs,
-    reliability diagram and Grad-CAM grid."""
-    from .console import stdout
-    from .report import write_report
-
-    path = write_report(run_dir, out, split=split, overrides=override or [], gradcam=not no_gradcam)
-    stdout.print(f"report: {path}")
-
-
-@app.command()
-def explain(
-    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `fer run`.")],
-    images: Annotated[list[Path], typer.Argument(help="Face images to explain.")],
-    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default RUN/explain).")] = None,
-    target: Annotated[str, typer.Option("--target", help="Class to explain (default: the predicted one).")] = "predicted",
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Module name of the Grad-CAM layer (default: automatic).")] = None,
-) -> None:
-    """Grad-CAM overlays: which parts of each face drove the prediction."""
-    from .console import stdout
-    from .explain import explain_images
-
-    paths = explain_images(run_dir, images, out or run_dir / "explain", target=target, layer=layer)
-    stdout.print(f"wrote {len(paths)} overlay(s) to {paths[0].parent if paths else out}")
-
-
-@app.command("ensemble")
-def ensemble_(
-    sources: Annotated[list[Path], typer.Argument(help="Run directories, or one ensemble recipe (.toml).")],
-    out: Annotated[Path, typer.Option("--out", help="Directory for the ensemble artifact (must not exist or be empty).")],
-    combiner: Annotated[Optional[str], typer.Option("--combiner", help="Ensembler plugin: average, stacking, ...")] = None,
-    fit_split: Annotated[Optional[str], typer.Option("--fit-split", help="Split to fit weights on (default val; never test).")] = None,
-    max_size_mb: Annotated[Optional[float], typer.Option("--max-size-mb", help="Refuse ensembles larger than this (default 500).")] = None,
-    override: Overrides = None,
-) -> None:
-    """Combine trained runs (classes matched by name) into a reusable ensemble artifact."""
-    from . import ensemble
-    from .console import metrics_tables, stdout
-    from .recipe import apply_overrides, read_toml
-
-    if len(sources) == 1 and sources[0].suffix == ".toml":
-        raw = apply_overrides(read_toml(sources[0]), override or [])
-        where = str(sources[0])
-    else:
-        raw = apply_overrides({"members": [str(s) for s in sources]}, override or [])
-        where = "command line"
-    raw.update({k: v for k, v in {"combiner": {"plugin": combiner} if combiner else None, "fit_split": fit_split,
-                                  "max_size_mb": max_size_mb}.items() if v is not None})
-    spec = ensemble.validate_spec(raw, where)
-    report = ensemble.build(spec, out)
-    metrics_tables(report, title=f"ensemble of {len(spec.members)} on '{report['split']}'")
-    table = Table(title="members")
-    for col in ("run", "accuracy", "macro-F1", "ECE", "MB", "ms/img (batch)", "ms/img (single)"):
-        table.add_column(col)
-    for m in report["members"] + [{"run": "ensemble", **{k: report[k] for k in ("accuracy", "macro_f1", "ece", "size_mb", "batched_ms_per_image", "single_image_ms")}}]:
-        table.add_row(m["run"], f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['ece']:.4f}", f"{m['size_mb']:.1f}",
-                      f"{m['batched_ms_per_image']:.2f}", f"{m['single_image_ms']:.1f}")
-    stdout.print(table)
-    stdout.print(f"ensemble written to {out} ({report['size_mb']:.1f} MB of weights)")
-
-
-@app.command()
+@app.command(epilog="Example: fer data recipes/quickstart.toml")
 def data(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
+    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (a [data] table is enough).")],
     override: Overrides = None,
 ) -> None:
-    """Validate every label line and print per-split, per-class counts (and AU frequencies)."""
+    """Validate every label line and image; print per-split, per-class counts (and AU frequencies)."""
     from .build import build_source, build_splits
-    from .console import stdout
-    from .recipe import apply_overrides, read_toml, validate
+    from .console import stdout, warn
+    from .recipe import apply_overrides, read_toml, validate_data
+
+    rec = validate_data(apply_overrides(read_toml(recipe), override or []), str(recipe))
     from .registry import get_registry
 
-    rec = validate(apply_overrides(read_toml(recipe), override or []), str(recipe))
     reg = get_registry(rec.plugins.disable)
     source = build_source(rec, reg)
     splits = build_splits(rec, reg, source=source)
@@ -193,7 +135,7 @@ def data(
     counts += [Counter(s.label for s in source.splits[n]) for n in sorted(source.splits)]
     for i, c in enumerate(splits.classes):
         table.add_row(c, *[str(cnt.get(i, 0)) for cnt in counts])
-    table.add_row("[bold]total", *[str(sum(cnt.values())) for cnt in counts])
+    table.add_row("total", *[str(sum(cnt.values())) for cnt in counts])
     stdout.print(table)
     if splits.au_names:
         info = splits.task_info()
@@ -206,13 +148,15 @@ def data(
             au.add_row(name, str(pos), f"{pos / max(labelled, 1):.3f}")
         stdout.print(au)
     for note in splits.notes:
-        stdout.print(f"note: {note}")
+        stdout.print(f"note: {note}", markup=False, highlight=False)
+    for w in splits.warnings:
+        warn(w)
     if splits.skipped:
-        stdout.print(f"skipped {splits.skipped} missing/unreadable image(s)")
-    stdout.print("all label lines valid; all images present")
+        stdout.print(f"skipped {splits.skipped} missing/unreadable image(s)", markup=False)
+    stdout.print("all label lines valid; all images decode", markup=False)
 
 
-@recipe_app.command("check")
+@recipe_app.command("check", epilog="Example: fer recipe check recipes/quickstart.toml -o train.epochs=3 --show")
 def recipe_check(
     recipe: Annotated[Path, typer.Argument(help="Recipe TOML file.")],
     override: Overrides = None,
@@ -220,49 +164,98 @@ def recipe_check(
 ) -> None:
     """Validate a recipe (structure and every plugin's parameters) without running anything."""
     from .console import stdout
-    from .recipe import apply_overrides, dump_toml, load, read_toml
+    from .recipe import apply_overrides, check_any, dump_toml, read_toml
 
-    data = apply_overrides(read_toml(recipe), override or [])
-    if "members" in data:  # an ensemble recipe
-        from .ensemble import validate_spec
-
-        raw = validate_spec(data, str(recipe)).model_dump(mode="json")
-    else:
-        _, raw = load(recipe, override or [])
+    raw = check_any(apply_overrides(read_toml(recipe), override or []), str(recipe))
     if show:
         stdout.print(dump_toml(raw), markup=False, highlight=False)
-    stdout.print(f"{recipe}: valid")
+    stdout.print(f"{recipe}: valid", markup=False, highlight=False)
 
 
-@app.command()
-def plugins(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """List every registered component: kind, name, plugin, distribution and version."""
+@app.command(epilog="Examples: fer plugins ;  fer plugins loss ;  fer plugins loss focal ;  fer plugins --json")
+def plugins(
+    kind: Annotated[Optional[str], typer.Argument(help="Only this kind (e.g. loss).", show_default=False)] = None,
+    name: Annotated[Optional[str], typer.Argument(help="Describe this component: keys, types, defaults.",
+                                                  show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    plain: Annotated[bool, typer.Option("--plain", help="Tab-separated rows, never truncated.")] = False,
+) -> None:
+    """List every registered component (kind, name, plugin, distribution, version), or describe one."""
+    import inspect
+
     from .console import stdout
-    from .registry import get_registry
+    from .kinds import BY_NAME
+    from .registry import _did_you_mean, get_registry
 
-    rows = get_registry().rows()
+    reg = get_registry()
+    if kind is not None and kind not in BY_NAME:
+        raise FerError(f"KIND: unknown kind '{kind}'{_did_you_mean(kind, BY_NAME)}; kinds: {', '.join(BY_NAME)}")
+    if name is not None:
+        comp = reg.get(kind, name, kind)
+        keys = comp.describe()
+        doc = inspect.getdoc(comp.factory) or ""
+        if as_json:
+            print(json.dumps({"kind": kind, "name": name, "plugin": comp.plugin, "distribution": comp.distribution,
+                              "version": comp.version, "doc": doc, "keys": keys}, indent=2))
+            return
+        k = BY_NAME[kind]
+        print(f"{kind} '{name}' from plugin '{comp.plugin}' ({comp.distribution} {comp.version}); "
+              f"recipe table {k.place or '—'}")
+        if doc:
+            print("\n" + doc + "\n")
+        for row in keys or [{"key": "(no keys)", "type": "", "default": ""}]:
+            print(f"  {row['key']:<24} {row['type']:<40} {row['default']}")
+        return
+    rows = [r for r in reg.rows() if kind is None or r["kind"] == kind]
     if as_json:
         print(json.dumps(rows, indent=2))
         return
+    cols = ("kind", "name", "plugin", "distribution", "version")
+    if plain or not stdout.is_terminal:
+        for r in rows:
+            print("\t".join(r[c] for c in cols))
+        return
     table = Table(title="fer plugins")
-    for col in ("kind", "name", "plugin", "distribution", "version"):
-        table.add_column(col)
+    for col in cols:
+        table.add_column(col, no_wrap=True, overflow="fold")
     for r in rows:
-        table.add_row(r["kind"], r["name"], r["plugin"], r["distribution"], r["version"])
-    stdout.print(table)
+        table.add_row(*(r[c] for c in cols))
+    stdout.print(table, markup=False, crop=False)
 
 
-def main() -> None:
+def add_plugin_commands() -> None:
+    """Let every plugin add its commands (once per process)."""
+    if _state["commands_added"]:
+        return
+    from .registry import get_registry
+
+    _state["commands_added"] = True
+    get_registry().register_commands(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .errors import user_message
+
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app()
-    except FerError as e:
-        if _state["debug"]:
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        add_plugin_commands()
+        app(args=argv, standalone_mode=True)
+    except SystemExit:
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except BaseException as e:  # noqa: BLE001 - the one error boundary
+        msg = user_message(e)
+        if msg is None or debug:
+            import traceback
+
+            traceback.print_exc()
+            if msg is None:
+                print(f"error: {REPORT_BUGS}", file=sys.stderr)
+                sys.exit(1)
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ atomic checkpoints, exact resume, best-by-metric, early stopping, NaN guard, cal
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
@@ -14,16 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import checkpoint, dist
+from . import dist
 from .data import EpochSeededLoader, derive_seed, seed_everything
 from .errors import FerError, NonFiniteLossError
-from .hardware import Precision
+from .hardware import Precision, autocast, to_device
 from .interfaces import Batch, Callback, Loss, RunInfo
-from .metrics import classification_metrics
+from .metrics import metrics_from_predictions
 from .model import FerModel
-
-LAST = "last.pt"
-BEST = "best.pt"
+from .predictor import predict
+from .rundir import RunDir
 
 
 @dataclass
@@ -50,64 +48,6 @@ class TrainState:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> Batch:
-    out: Batch = {}
-    for k, v in batch.items():
-        if isinstance(v, torch.Tensor):
-            v = v.to(device, non_blocking=True)
-            if k == "image" and channels_last:
-                v = v.contiguous(memory_format=torch.channels_last)
-        out[k] = v
-    return out
-
-
-def autocast(device: torch.device, precision: Precision):
-    if precision.dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=precision.dtype)
-
-
-@torch.no_grad()
-def predict(model: nn.Module, loader: Iterable[dict[str, Any]], device: torch.device, precision: Precision,
-            channels_last: bool = False) -> dict[str, np.ndarray]:
-    """Logits of every head over a loader, plus the labels it carried (numpy, in loader order)."""
-    model.eval()
-    chunks: dict[str, list[np.ndarray]] = {}
-    for batch in loader:
-        b = _to_device(batch, device, channels_last)
-        with autocast(device, precision):
-            outputs = model(b["image"])
-        for name, logits in outputs.items():
-            chunks.setdefault(f"logits.{name}", []).append(logits.float().cpu().numpy())
-        for key in ("label", "au", "au_mask", "index"):
-            if key in batch:
-                chunks.setdefault(key, []).append(batch[key].cpu().numpy())
-    return {k: np.concatenate(v) for k, v in chunks.items()}
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    z = x - x.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def metrics_from_predictions(pred: dict[str, np.ndarray], classes: Sequence[str], au_names: Sequence[str]) -> dict[str, Any]:
-    au = "logits.au" in pred and "au" in pred
-    return classification_metrics(
-        pred["label"],
-        softmax(pred["logits.emotion"]),
-        classes,
-        au_true=pred.get("au") if au else None,
-        au_probs=sigmoid(pred["logits.au"]) if au else None,
-        au_mask=pred.get("au_mask") if au else None,
-        au_names=au_names if au else (),
-    )
 
 
 class Engine:
@@ -142,6 +82,8 @@ class Engine:
         self.run = run
         self.au_names = list(au_names)
         self.callbacks = [c for c in callbacks if dist.is_main() or c.all_ranks]
+        self.rundir = RunDir(run.out_dir)
+        run.model, run.optimizer = model, optimizer  # callbacks may act on them (EMA, pruning)
         self.batch_transforms = list(batch_transforms)
         self.checkpoint_extra = checkpoint_extra or {}
         self.finalize = finalize  # writes the run's result files before callbacks see the end
@@ -181,11 +123,13 @@ class Engine:
             **self.checkpoint_extra,
         }
 
+    def _callback_states(self) -> dict[str, Any]:
+        """Each callback's own state, keyed by position and class (stable for one recipe)."""
+        return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)}
+
     def save_last(self) -> None:
-        if not dist.is_main():
-            return
-        checkpoint.save(
-            self.run.out_dir / LAST,
+        self.rundir.save(
+            RunDir.LAST,
             {
                 **self._meta(),
                 "model": self.model.state_dict(),
@@ -196,13 +140,12 @@ class Engine:
                 "train_state": self.state.to_dict(),
                 "rng": self._rng_state(),
                 "callback_state": self.run.state,
+                "callbacks": self._callback_states(),
             },
         )
 
     def save_best(self) -> None:
-        if dist.is_main():
-            checkpoint.save(self.run.out_dir / BEST, {**self._meta(), "model": self.model.state_dict(),
-                                                       "epoch": self.state.epoch})
+        self.rundir.save(RunDir.BEST, {**self._meta(), "model": self.model.state_dict(), "epoch": self.state.epoch})
 
     def restore(self, ckpt: dict[str, Any]) -> None:
         self.model.load_state_dict(ckpt["model"])
@@ -215,6 +158,10 @@ class Engine:
             self.scaler.load_state_dict(ckpt["scaler"])
         self.state = TrainState(**ckpt["train_state"])
         self.run.state.update(ckpt.get("callback_state") or {})
+        saved = ckpt.get("callbacks") or {}
+        for key, cb in zip(self._callback_states(), self.callbacks):
+            if key in saved:
+                cb.load_state_dict(saved[key])
         rng = ckpt.get("rng") or {}
         if "torch" in rng:
             torch.set_rng_state(rng["torch"])
@@ -239,6 +186,7 @@ class Engine:
             while self.state.epoch < self.cfg.epochs and "stopped_early_at" not in self.run.state:
                 epoch = self.state.epoch + 1
                 train_logs = self._train_epoch(epoch)
+                self._emit("on_validation_start", epoch)
                 report = self.validate()
                 if self.cfg.monitor not in report or not isinstance(report[self.cfg.monitor], (int, float)):
                     raise FerError(
@@ -283,7 +231,7 @@ class Engine:
         total_loss, seen, t0 = 0.0, 0, time.perf_counter()
         self.optimizer.zero_grad(set_to_none=True)
         for i, batch in enumerate(loader):
-            b = _to_device(batch, self.device, self.cfg.channels_last)
+            b = to_device(batch, self.device, self.cfg.channels_last)
             for bt in self.batch_transforms:
                 b = bt(b, epoch)
             with autocast(self.device, self.precision):
@@ -292,9 +240,11 @@ class Engine:
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
-                    f"loss became {loss_value} at epoch {epoch}, batch {i + 1}; stopped. The last good "
-                    f"checkpoint (epoch {self.state.epoch}) is kept in {self.run.out_dir / LAST} "
-                    "(lower the learning rate or enable train.clip_grad_norm)"
+                    f"loss became {loss_value} at epoch {epoch}, batch {i + 1}; stopped. "
+                    + ("The last good " if self.state.epoch else "")
+                    + (f"checkpoint (epoch {self.state.epoch}) is kept in {self.rundir / RunDir.LAST} "
+                       if self.state.epoch else "no checkpoint was written (it failed in the first epoch) ")
+                    + "(lower the learning rate or enable train.clip_grad_norm)"
                 )
             scaled = loss / accum
             if self.scaler is not None:
@@ -313,7 +263,7 @@ class Engine:
                 "img_s": seen / elapsed if elapsed > 0 else 0.0,
                 **{f"loss_{k}": float(v) for k, v in parts.items()},
             })
-        if self.scheduler is not None and getattr(self.scheduler, "interval", "epoch") == "epoch":
+        if self.scheduler is not None and self.scheduler.interval == "epoch":
             self.scheduler.step()
         elapsed = time.perf_counter() - t0
         return {"train_loss": total_loss / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
@@ -331,7 +281,7 @@ class Engine:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.global_step += 1
-        if self.scheduler is not None and getattr(self.scheduler, "interval", "epoch") == "step":
+        if self.scheduler is not None and self.scheduler.interval == "step":
             self.scheduler.step()
 
     def validate(self) -> dict[str, Any]:
@@ -341,9 +291,8 @@ class Engine:
 
     def final_evaluation(self) -> dict[str, Any]:
         """Metrics of the best checkpoint on the validation split."""
-        best = self.run.out_dir / BEST
-        if best.is_file():
-            self.model.load_state_dict(checkpoint.load(best, self.device)["model"])
+        if (self.rundir / RunDir.BEST).is_file():
+            self.model.load_state_dict(self.rundir.load(RunDir.BEST, self.device)["model"])
         report = self.validate()
         report["best_epoch"] = self.state.best_epoch
         report["epochs_run"] = self.state.epoch

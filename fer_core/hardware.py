@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,3 +70,20 @@ def resolve_precision(name: str, device: torch.device) -> Precision:
             return Precision("bf16", torch.bfloat16, False, "CPU has native bf16 (AVX512-BF16/AMX)")
         return Precision("fp32", None, False, "CPU without native bf16: emulated bf16 would be slower")
     return Precision("fp32", None, False, f"{device.type}: fp32")
+
+
+def autocast(device: torch.device, precision: Precision):
+    if precision.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=precision.dtype)
+
+
+def to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if k == "image" and channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out

@@ -63,6 +63,24 @@ class Backbone(nn.Module):
 
         raise FerError(f"backbone {type(self).__name__} does not support gradient checkpointing")
 
+    def cam_target(self) -> "CamTarget | None":
+        """The layer saliency explainers (Grad-CAM) should hook: the backbone knows its own
+        internals; None = let the explainer fall back to the last spatial feature map."""
+        return None
+
+
+@dataclass(frozen=True)
+class CamTarget:
+    """A module whose output an explainer hooks, and how to read that output as a map:
+    ``layout`` "NCHW" (CNNs), "NHWC" (Swin-like) or "tokens" (ViT: B×N×C, ``prefix_tokens``
+    class/register tokens first, then a ``grid`` h×w of patch tokens)."""
+
+    module: nn.Module
+    name: str
+    layout: str = "NCHW"
+    prefix_tokens: int = 0
+    grid: tuple[int, int] | None = None
+
 
 # A head is any nn.Module mapping B×F features to B×N logits; its factory is
 # ``factory(in_features, num_outputs, /, **recipe_params) -> nn.Module``.
@@ -139,7 +157,12 @@ class Scheduler(Protocol):
 
 class Callback:
     """Hook points around the training loop; override what you need. Only rank 0 gets them
-    unless ``all_ranks`` is true."""
+    unless ``all_ranks`` is true.
+
+    ``run.model`` and ``run.optimizer`` are the live objects: a callback may read or change them
+    at its hook points (EMA weights, pruning). What it returns from ``state_dict`` is saved in
+    every ``last.pt`` and handed back to ``load_state_dict`` when the run resumes (Lightning's
+    per-callback state), so a callback with state resumes exactly."""
 
     all_ranks: bool = False
 
@@ -149,25 +172,36 @@ class Callback:
 
     def on_train_batch_end(self, run: "RunInfo", epoch: int, batch: int, logs: dict[str, float]) -> None: ...
 
-    def on_epoch_end(self, run: "RunInfo", epoch: int, metrics: dict[str, float]) -> None: ...
+    def on_validation_start(self, run: "RunInfo", epoch: int) -> None: ...
 
     def on_validation_end(self, run: "RunInfo", epoch: int, report: dict[str, Any]) -> None: ...
+
+    def on_epoch_end(self, run: "RunInfo", epoch: int, metrics: dict[str, float]) -> None: ...
 
     def on_fit_end(self, run: "RunInfo", final: dict[str, Any]) -> None: ...
 
     def on_exception(self, run: "RunInfo", error: BaseException) -> None: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
 
 @dataclass
 class RunInfo:
-    """What callbacks may read about the run."""
+    """What callbacks may read about the run (and, for model/optimizer, act on)."""
 
     out_dir: Path
     recipe: dict[str, Any]
     classes: list[str]
     resumed: bool = False
     plugin_versions: dict[str, str] = field(default_factory=dict)
-    state: dict[str, Any] = field(default_factory=dict)  # callbacks may keep small JSON-able state here
+    state: dict[str, Any] = field(default_factory=dict)  # small JSON-able state shared by callbacks
+    model: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    #: files the run wrote (name → path), filled as they are written, e.g. for a tracker to log
+    files: dict[str, Path] = field(default_factory=dict)
 
 
 class TestTimeAugmentation(Protocol):
@@ -199,3 +233,164 @@ class Tuner(Protocol):
     """Searches recipe overrides: ``objective(overrides) -> score``."""
 
     def optimize(self, objective: Callable[[dict[str, Any]], float], n_trials: int) -> dict[str, Any]: ...
+
+
+BatchTransform = Callable[[Batch, int], Batch]  # (batch on the device, epoch from 1) → batch
+SamplerFactory = Callable[[int], "torch.utils.data.Sampler"]  # epoch seed → sampler over the training set
+
+
+class Calibrator(Protocol):
+    """Maps emotion logits (N×C numpy) to calibrated logits (softmax of them = the probabilities
+    fer reports). ``fit`` sees validation predictions only; ``state`` is JSON-able and stored in
+    ``best.pt``."""
+
+    def fit(self, logits: "np.ndarray", labels: "np.ndarray") -> None: ...
+
+    def __call__(self, logits: "np.ndarray") -> "np.ndarray": ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def load_state(self, state: dict[str, Any]) -> None: ...
+
+
+class Explainer(Protocol):
+    """Saliency maps: ``explain(model, images, classes)`` → N×H×W maps in [0, 1] at the input
+    resolution, for the class index given per image (None: the predicted class)."""
+
+    def explain(self, model: nn.Module, images: torch.Tensor, target_classes: Sequence[int] | None) -> "np.ndarray": ...
+
+
+class Predictor(Protocol):
+    """A trained artifact (a run, an ensemble, an exported model) seen as one model: samples or
+    image batches in, calibrated emotion scores out. ``predict`` returns numpy arrays:
+    ``logits.emotion`` (raw), ``calibrated.emotion`` (logits whose softmax are the reported
+    probabilities), ``label`` and, when the artifact has them, AU logits."""
+
+    name: str
+    path: Path
+    classes: list[str]
+    au_names: list[str]
+    preprocessing: Preprocessing
+    recipe: Any  # the training recipe (an ensemble: its first member's), for finding data splits
+    registry: Any
+    device: torch.device
+
+    def predict(self, samples: Sequence[Sample], tta: "TestTimeAugmentation | None" = None,
+                batch_size: int | None = None) -> dict[str, "np.ndarray"]: ...
+
+    def logits(self, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor: ...
+
+    def size_mb(self) -> float: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class Detector(Protocol):
+    """H×W×3 uint8 image → faces: N×4 boxes (x1, y1, x2, y2), N scores, N×5×2 landmarks."""
+
+    def __call__(self, image: "np.ndarray") -> tuple["np.ndarray", "np.ndarray", "np.ndarray"]: ...
+
+
+class Exporter(Protocol):
+    """Writes a Predictor as a deployable file; returns its path."""
+
+    def export(self, predictor: Predictor, out: Path) -> Path: ...
+
+
+# ---------------------------------------------------------------- optional capabilities
+# What a built component may declare beyond its kind's contract. The engine checks them with
+# ``supports`` and nothing else, so a third party can see every capability the core looks for.
+
+
+@runtime_checkable
+class Seeded(Protocol):
+    """Reseeded by the engine at every epoch start (and per DataLoader worker): augmenters."""
+
+    def set_seed(self, seed: int) -> None: ...
+
+
+@runtime_checkable
+class DeclaresTasks(Protocol):
+    """A loss that trains extra heads: ``task_sizes`` = {task: outputs} (e.g. components)."""
+
+    task_sizes: dict[str, int]
+
+
+@runtime_checkable
+class ReweightsClasses(Protocol):
+    """A loss that corrects class imbalance (set the flag true)."""
+
+    reweights_classes: bool
+
+
+@runtime_checkable
+class RebalancesClasses(Protocol):
+    """A sampler that corrects class imbalance (set the flag true)."""
+
+    rebalances_classes: bool
+
+
+@runtime_checkable
+class NeedsStudentPreprocessing(Protocol):
+    """A batch transform told the model's preprocessing once after building (teachers)."""
+
+    def set_student_preprocessing(self, pre: Preprocessing) -> None: ...
+
+
+@runtime_checkable
+class NeedsTrainSamples(Protocol):
+    """A batch transform given the training samples once (``batch["index"]`` indexes them)."""
+
+    def set_train_samples(self, samples: Sequence[Sample]) -> None: ...
+
+
+_FLAGS = {ReweightsClasses: "reweights_classes", RebalancesClasses: "rebalances_classes"}
+
+
+def supports(obj: Any, capability: type) -> bool:
+    """Whether ``obj`` declares a capability above (flag capabilities: with the flag true)."""
+    if not isinstance(obj, capability):
+        return False
+    flag = _FLAGS.get(capability)
+    return bool(getattr(obj, flag)) if flag else True
+
+
+@dataclass(frozen=True)
+class Traits:
+    """What a factory declares about its components before any is built (``recipe check``):
+
+    - ``nested``: parameter → kind, for parameters that hold component tables (one table, or a
+      table of named tables when ``many``); the registry validates them with the recipe's own
+      registry and the factory receives the built components;
+    - ``accepts_soft_labels`` (losses): True, or the nested parameter path whose loss decides
+      (e.g. ``"losses.emotion"``); a recipe mixing labels in front of a loss without it is refused;
+    - ``produces_soft_labels`` (batch transforms): adds ``batch["soft_label"]``;
+    - ``example``: parameters for the registry contract tests when the defaults are not enough.
+    """
+
+    nested: Mapping[str, str] = field(default_factory=dict)
+    many: frozenset[str] = frozenset()
+    accepts_soft_labels: bool | str = False
+    produces_soft_labels: bool = False
+    example: Mapping[str, Any] = field(default_factory=dict)
+
+
+NO_TRAITS = Traits()
+
+
+def traits(**declared: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for factories: ``@traits(accepts_soft_labels=True)``."""
+    if "many" in declared:
+        declared["many"] = frozenset(declared["many"])
+    value = Traits(**declared)
+
+    def mark(factory: Callable[..., Any]) -> Callable[..., Any]:
+        factory.fer_traits = value  # type: ignore[attr-defined]
+        return factory
+
+    return mark
+
+
+def traits_of(factory: Callable[..., Any]) -> Traits:
+    found = getattr(factory, "fer_traits", NO_TRAITS)
+    return found if isinstance(found, Traits) else NO_TRAITS

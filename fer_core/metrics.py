@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -65,3 +67,63 @@ def au_metrics(
             continue
         per_au[name] = float(f1_score(au_true[m, k], au_pred[m, k], zero_division=0))
     return {"au_f1": per_au, "au_mean_f1": float(np.mean(list(per_au.values()))) if per_au else 0.0}
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def metrics_from_predictions(pred: dict[str, np.ndarray], classes: Sequence[str], au_names: Sequence[str],
+                             emotion_key: str = "logits.emotion") -> dict[str, Any]:
+    """metrics.json from a prediction dict (logits per head + labels); ``emotion_key`` picks
+    raw or calibrated logits (argmax, hence accuracy and F1, are the same for both)."""
+    au = "logits.au" in pred and "au" in pred
+    return classification_metrics(
+        pred["label"],
+        softmax(pred[emotion_key]),
+        classes,
+        au_true=pred.get("au") if au else None,
+        au_probs=sigmoid(pred["logits.au"]) if au else None,
+        au_mask=pred.get("au_mask") if au else None,
+        au_names=au_names if au else (),
+    )
+
+
+# ---------------------------------------------------------------- calibration metrics
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict[str, Any]:
+    """Confidence bins (equal width): per-bin mean confidence, accuracy and count; and the ECE,
+    the count-weighted mean |accuracy − confidence|."""
+    probs = np.asarray(probs, dtype=np.float64)
+    labels = np.asarray(labels)
+    conf = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, n_bins - 1)
+    bins = []
+    ece = 0.0
+    for b in range(n_bins):
+        m = idx == b
+        n = int(m.sum())
+        acc = float(correct[m].mean()) if n else 0.0
+        c = float(conf[m].mean()) if n else 0.0
+        bins.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "count": n, "accuracy": acc, "confidence": c})
+        if n:
+            ece += n / len(labels) * abs(acc - c)
+    return {"ece": float(ece), "bins": bins}
+
+
+def ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
+    return reliability(probs, labels, n_bins)["ece"]
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
+    t = torch.as_tensor(np.asarray(logits), dtype=torch.float64) / temperature
+    return float(F.cross_entropy(t, torch.as_tensor(np.asarray(labels), dtype=torch.long)))

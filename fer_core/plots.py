@@ -1,7 +1,9 @@
-"""Figures people would rather look at than read (matplotlib, headless)."""
+"""Figures people would rather look at than read (matplotlib, headless); one confusion matrix
+drawing for run directories and reports alike."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
@@ -14,10 +16,16 @@ import numpy as np  # noqa: E402
 from .checkpoint import atomic_write_bytes  # noqa: E402
 
 
-def confusion_matrix_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "") -> Path:
-    """Row-normalised colours, raw counts in the cells; true class on rows."""
-    import io
+def figure_png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
 
+
+def confusion_matrix_figure(cm: Sequence[Sequence[int]], classes: Sequence[str], title: str = "",
+                            normalized_text: bool = False):
+    """Row-normalised colours; cells show raw counts (or the row share); true class on rows."""
     cm = np.asarray(cm)
     norm = cm / np.clip(cm.sum(axis=1, keepdims=True), 1, None)
     n = len(classes)
@@ -31,11 +39,13 @@ def confusion_matrix_png(cm: Sequence[Sequence[int]], classes: Sequence[str], pa
         ax.set_title(title)
     for i in range(n):
         for j in range(n):
-            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=8,
+            text = f"{norm[i, j]:.2f}" if normalized_text else str(cm[i, j])
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
                     color="white" if norm[i, j] > 0.5 else "black")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    return fig
+
+
+def confusion_matrix_png(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Path, title: str = "") -> Path:
+    atomic_write_bytes(path, figure_png(confusion_matrix_figure(cm, classes, title)))
     return path

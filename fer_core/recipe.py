@@ -11,7 +11,13 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .errors import FerError
+from .kinds import BY_NAME
 from .registry import Registry, get_registry
+
+
+def _default(kind: str, **params: Any) -> Any:
+    """A table naming the kind's declared default component (kinds.KINDS)."""
+    return Field(default_factory=lambda: Component(plugin=BY_NAME[kind].default, **params))
 
 
 class _Strict(BaseModel):
@@ -48,7 +54,7 @@ class DataSection(Component):
 
 class ModelSection(_Strict):
     backbone: Component
-    heads: dict[str, Component] = Field(default_factory=lambda: {"emotion": Component(plugin="linear")})
+    heads: dict[str, Component] = Field(default_factory=lambda: {"emotion": Component(plugin=BY_NAME["head"].default)})
 
     @field_validator("heads")
     @classmethod
@@ -80,7 +86,7 @@ class TrainSection(_Strict):
 
 
 class TrackingSection(Component):
-    plugin: str = "mlflow"
+    plugin: str = "mlflow"  # not essential: with tracking off, or another tracker, it may be disabled
     enabled: bool = True
 
 
@@ -93,14 +99,16 @@ class Recipe(_Strict):
     description: str = ""
     data: DataSection
     model: ModelSection
-    loss: Component = Field(default_factory=lambda: Component(plugin="cross_entropy"))
-    optimizer: Component = Field(default_factory=lambda: Component(plugin="adamw", lr=1e-3))
+    loss: Component = _default("loss")
+    optimizer: Component = _default("optimizer", lr=1e-3)
     schedule: Component | None = None
-    augment: Component = Field(default_factory=lambda: Component(plugin="basic"))
+    augment: Component = _default("augmenter")
     batch_transforms: list[Component] = Field(default_factory=list)
     sampler: Component | None = None
-    tta: Component | None = None  # test-time augmentation for `fer eval --tta`
+    tta: Component | None = None  # test-time augmentation for `fer eval --tta` (default: kinds' "tta")
     callbacks: list[Component] = Field(default_factory=list)
+    calibration: Component = _default("calibrator")
+    explain: Component | None = None  # saliency maps for `fer explain` / `fer report` (default: kinds' "explainer")
     train: TrainSection = Field(default_factory=TrainSection)
     tracking: TrackingSection = Field(default_factory=TrackingSection)
     plugins: PluginsSection = Field(default_factory=PluginsSection)
@@ -140,11 +148,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise FerError(f"{path}: recipe file not found")
+        raise FerError(f"{path}: recipe file not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise FerError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise FerError(f"{path}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except RecursionError:
+        raise FerError(f"{path}: nested too deeply to be a recipe") from None
 
 
 def _describe(err: dict[str, Any], raw: dict[str, Any], model: type[BaseModel]) -> str:
@@ -192,6 +204,9 @@ def components(recipe: Recipe) -> list[tuple[str, Component, str]]:
         out.append(("sampler", recipe.sampler, "sampler"))
     if recipe.tta is not None:
         out.append(("tta", recipe.tta, "tta"))
+    if recipe.explain is not None:
+        out.append(("explainer", recipe.explain, "explain"))
+    out.append(("calibrator", recipe.calibration, "calibration"))
     out += [("batch_transform", bt, f"batch_transforms[{i}]") for i, bt in enumerate(recipe.batch_transforms)]
     out += [("callback", cb, f"callbacks[{i}]") for i, cb in enumerate(recipe.callbacks)]
     if recipe.tracking.enabled:
@@ -205,8 +220,48 @@ def check_components(recipe: Recipe, reg: Registry) -> None:
     from pydantic_core import to_jsonable_python
 
     for kind, comp, where in components(recipe):
-        validated = reg.get(kind, comp.plugin, where).validate(comp.params(), where)
+        validated = reg.validate(kind, comp.spec(), where)
+        validated.pop("plugin")
         comp.__pydantic_extra__ = to_jsonable_python(validated)
+    mixing = [f"batch_transforms[{i}]" for i, bt in enumerate(recipe.batch_transforms)
+              if reg.produces_soft_labels(bt.spec(), f"batch_transforms[{i}]")]
+    if mixing and not reg.accepts_soft_labels(recipe.loss.spec()):
+        raise FerError(f"{mixing[0]}: plugin '{recipe.batch_transforms[int(mixing[0][17:-1])].plugin}' mixes labels "
+                       f"(batch['soft_label']) but loss '{recipe.loss.plugin}' does not declare that it accepts soft "
+                       "labels (@traits(accepts_soft_labels=True)): it would train on the unmixed hard labels")
+
+
+class DataOnly(_Strict):
+    """What `fer data` needs: a recipe may have only its [data] table (and seed / plugins)."""
+
+    model_config = ConfigDict(extra="ignore")
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    plugins: PluginsSection = Field(default_factory=PluginsSection)
+
+
+def validate_data(raw: dict[str, Any], source: str) -> DataOnly:
+    try:
+        rec = DataOnly.model_validate(raw)
+    except ValidationError as e:
+        raise FerError(f"{source}: {_describe(e.errors()[0], raw, DataOnly)}") from None
+    reg = get_registry(rec.plugins.disable)
+    try:
+        values = reg.validate("dataset", rec.data.spec(), "data")
+    except FerError as e:
+        raise FerError(f"{source}: {e}") from None
+    values.pop("plugin")
+    rec.data.__pydantic_extra__ = values
+    return rec
+
+
+def check_any(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """`fer recipe check`: a training recipe, or any recipe a plugin claims (ensembles)."""
+    disabled = raw.get("plugins", {}).get("disable", []) if isinstance(raw.get("plugins"), dict) else []
+    claimed = get_registry(disabled if isinstance(disabled, list) else []).pm.hook.validate_recipe(raw=raw, source=source)
+    if claimed is not None:
+        return claimed
+    return resolved(validate(raw, source))
 
 
 def load(path: Path, overrides: list[str] = ()) -> tuple[Recipe, dict[str, Any]]:

@@ -13,7 +13,8 @@ import pluggy
 from pydantic import ConfigDict, ValidationError, create_model
 
 from .errors import FerError
-from .hookspecs import KINDS, PROJECT, FerSpecs
+from .interfaces import traits_of
+from .kinds import BY_NAME, ESSENTIAL_PLUGINS, KINDS, PROJECT, FerSpecs
 
 ENTRY_POINT_GROUP = "fer.plugins"
 #: comma-separated plugin (entry-point) names to block, for when a recipe cannot say it
@@ -67,11 +68,18 @@ class Component:
             loc = ".".join(str(x) for x in err["loc"])
             got = err.get("input")
             raise FerError(f"{where}.{loc}: {err['msg']} (got {got!r})") from None
-        # a factory whose params hold nested plugin tables checks them too (e.g. a multi-task loss)
-        nested = getattr(self.factory, "validate_nested", None)
-        if nested is not None:
-            nested(values, where)
         return values
+
+    def describe(self) -> list[dict[str, str]]:
+        """Recipe keys with type, default and the factory's docstring line for each (``fer plugins KIND NAME``)."""
+        hints = _type_hints(self.factory)
+        rows = []
+        for n, p in self.params().items():
+            ann = hints.get(n, p.annotation)
+            type_text = getattr(ann, "__name__", None) if isinstance(ann, type) else None
+            rows.append({"key": n, "type": type_text or str(ann).replace("typing.", ""),
+                         "default": "(required)" if p.default is p.empty else repr(p.default)})
+        return rows
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
@@ -89,10 +97,16 @@ def _did_you_mean(key: str, options: Iterable[str]) -> str:
 
 
 class Registry:
-    """All components of all loaded plugins, by kind and name."""
+    """All components of all loaded plugins, by kind and name. One registry serves one recipe
+    (its ``plugins.disable`` applied) and is handed down to everything built from it."""
 
     def __init__(self, disabled: Iterable[str] = ()) -> None:
         self.disabled = sorted(set(disabled))
+        essential = [n for n in self.disabled if n in ESSENTIAL_PLUGINS]
+        if essential:
+            n = essential[0]
+            raise FerError(f"plugins.disable: plugin '{n}' is essential: it provides {ESSENTIAL_PLUGINS[n]}, "
+                           "the default every recipe falls back to, and cannot be disabled")
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(FerSpecs)
         for name in self.disabled:
@@ -101,22 +115,30 @@ class Registry:
             self.pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
         except Exception as e:  # a broken third-party plugin must not read as a core crash
             raise FerError(f"a plugin in entry-point group '{ENTRY_POINT_GROUP}' failed to load: {e}") from e
+        known = {ep.name for ep in _entry_points()}
+        for name in self.disabled:
+            if name not in known:
+                raise FerError(f"plugins.disable: no plugin named '{name}'{_did_you_mean(name, known)}; "
+                               f"installed: {', '.join(sorted(known))}")
         dists = {id(p): d for p, d in self.pm.list_plugin_distinfo()}
-        self.components: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
-        for kind, hook in KINDS.items():
-            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+        self.components: dict[str, dict[str, Component]] = {k.name: {} for k in KINDS}
+        for kind in KINDS:
+            for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
                 dist = dists.get(id(impl.plugin))
                 dname = dist.project_name if dist else "(not installed)"
                 version = dist.version if dist else "?"
-                impl.function(register=self._registrar(kind, impl.plugin_name, dname, version))
+                impl.function(register=self._registrar(kind.name, impl.plugin_name, dname, version))
 
     def add_plugin(self, plugin: object, name: str, distribution: str = "(runtime)") -> None:
         """Register a plugin object at run time (notebooks, tests), like pytest's ``pm.register``."""
         self.pm.register(plugin, name=name)
-        for kind, hook in KINDS.items():
-            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+        for kind in KINDS:
+            for impl in getattr(self.pm.hook, kind.hook).get_hookimpls():
                 if impl.plugin is plugin:
-                    impl.function(register=self._registrar(kind, name, distribution, "?"))
+                    impl.function(register=self._registrar(kind.name, name, distribution, "?"))
+
+    def register_commands(self, cli: Any) -> None:
+        self.pm.hook.register_commands(cli=cli)
 
     def _registrar(self, kind: str, plugin: str, dist: str, version: str) -> Callable[..., None]:
         def register(name: str, factory: Callable[..., Any]) -> None:
@@ -135,28 +157,83 @@ class Registry:
         found = self.components[kind].get(name)
         if found is None:
             names = sorted(self.components[kind])
+            why = ""
+            if BY_NAME[kind].default == name:
+                why = f" (it is the default {kind}: give the table a plugin, or re-enable the plugin that provides it)"
+            if self.disabled:
+                why += f"; disabled plugins: {', '.join(self.disabled)}"
             raise FerError(
-                f"{where}.plugin: unknown {kind} plugin '{name}'{_did_you_mean(name, names)}; "
+                f"{where}.plugin: unknown {kind} plugin '{name}'{_did_you_mean(name, names)}{why}; "
                 f"installed: {', '.join(names) or '(none)'}"
             )
         return found
 
+    def validate(self, kind: str, spec: dict[str, Any], where: str) -> dict[str, Any]:
+        """Check a table ``{plugin = ..., **params}`` against its factory, nested tables included
+        (through this registry); returns the table with every default filled in."""
+        if not isinstance(spec, dict) or not isinstance(spec.get("plugin"), str):
+            raise FerError(f"{where}: expected a table with a 'plugin' key naming a {kind} plugin")
+        params = {k: v for k, v in spec.items() if k != "plugin"}
+        comp = self.get(kind, spec["plugin"], where)
+        values = comp.validate(params, where)
+        t = traits_of(comp.factory)
+        for key, child_kind in t.nested.items():
+            if key in t.many:
+                if not isinstance(values[key], dict):
+                    raise FerError(f"{where}.{key}: expected a table of {child_kind} tables")
+                values[key] = {n: self._child(child_kind, sub, f"{where}.{key}.{n}", spec["plugin"])
+                               for n, sub in values[key].items()}
+            else:
+                values[key] = self._child(child_kind, values[key], f"{where}.{key}", spec["plugin"])
+        return {"plugin": spec["plugin"], **values}
+
+    def _child(self, kind: str, spec: Any, where: str, parent: str) -> dict[str, Any]:
+        if isinstance(spec, dict) and spec.get("plugin") == parent:
+            raise FerError(f"{where}: a '{parent}' {kind} cannot nest itself")
+        return self.validate(kind, spec, where)
+
     def build(self, kind: str, spec: dict[str, Any], where: str, *context: Any) -> Any:
-        """Build a component from a recipe table ``{plugin = ..., **params}``."""
-        spec = dict(spec)
-        comp = self.get(kind, spec.pop("plugin"), where)
-        params = comp.validate(spec, where)
-        return comp.factory(*context, **params)
+        """Build a component from a recipe table; nested tables are built first, by this same
+        registry, with the parent's context when they are of the parent's kind."""
+        values = self.validate(kind, spec, where)
+        comp = self.get(kind, values.pop("plugin"), where)
+        t = traits_of(comp.factory)
+        for key, child_kind in t.nested.items():
+            ctx = context if child_kind == kind else ()
+            if key in t.many:
+                values[key] = {n: self.build(child_kind, sub, f"{where}.{key}.{n}", *ctx) for n, sub in values[key].items()}
+            else:
+                values[key] = self.build(child_kind, values[key], f"{where}.{key}", *ctx)
+        return comp.factory(*context, **values)
+
+    def accepts_soft_labels(self, spec: dict[str, Any], where: str = "loss") -> bool:
+        """Whether the loss a (validated) table names trains on ``batch["soft_label"]``."""
+        decides = traits_of(self.get("loss", spec["plugin"], where).factory).accepts_soft_labels
+        if isinstance(decides, str):  # a nested table decides, e.g. "losses.emotion"
+            node: Any = spec
+            for part in decides.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            return isinstance(node, dict) and self.accepts_soft_labels(node, f"{where}.{decides}")
+        return bool(decides)
+
+    def produces_soft_labels(self, spec: dict[str, Any], where: str) -> bool:
+        return traits_of(self.get("batch_transform", spec["plugin"], where).factory).produces_soft_labels
 
     def rows(self) -> list[dict[str, str]]:
         return [
             {"kind": c.kind, "name": c.name, "plugin": c.plugin, "distribution": c.distribution, "version": c.version}
             for kind in KINDS
-            for c in sorted(self.components[kind].values(), key=lambda c: c.name)
+            for c in sorted(self.components[kind.name].values(), key=lambda c: c.name)
         ]
 
     def versions(self) -> dict[str, str]:
         return {f"{r['distribution']}": r["version"] for r in self.rows()}
+
+
+def _entry_points() -> list[Any]:
+    from importlib.metadata import entry_points
+
+    return list(entry_points(group=ENTRY_POINT_GROUP))
 
 
 def disabled_from_env() -> list[str]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_core.hookspecs import hookimpl
+from fer_core.api import hookimpl
 
 
 class CosineHead(nn.Module):

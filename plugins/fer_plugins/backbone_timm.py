@@ -7,9 +7,9 @@ from pathlib import Path
 import timm
 import torch
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Backbone, Preprocessing
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Backbone, Preprocessing
 
 
 class TimmBackbone(Backbone):

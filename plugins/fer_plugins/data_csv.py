@@ -21,9 +21,9 @@ import os
 import re
 from pathlib import Path
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import DataSource, Sample
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import DataSource, Sample
 
 AU_COLUMN = re.compile(r"^AU\d+$")
 

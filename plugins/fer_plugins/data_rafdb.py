@@ -16,10 +16,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
+from fer_core.api import FerError
+from fer_core.api import hookimpl
 from fer_plugins.data_rafce import read_lines  # the same line reader, one copy
-from fer_core.interfaces import DataSource, Sample
+from fer_core.api import DataSource, Sample
 
 BASIC = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
 COMPOUND = [

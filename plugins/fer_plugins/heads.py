@@ -6,7 +6,7 @@ from typing import Literal
 
 from torch import nn
 
-from fer_core.hookspecs import hookimpl
+from fer_core.api import hookimpl
 
 
 def make_linear_head(in_features: int, num_outputs: int, /, *, dropout: float = 0.0) -> nn.Module:

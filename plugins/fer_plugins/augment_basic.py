@@ -6,8 +6,8 @@ import albumentations as A
 import numpy as np
 import torch
 
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Preprocessing
+from fer_core.api import hookimpl
+from fer_core.api import Preprocessing
 
 
 class AlbumentationsAugmenter:

@@ -8,9 +8,9 @@ from collections import Counter
 import torch
 from torch.utils.data import WeightedRandomSampler
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import TaskInfo
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import TaskInfo
 
 
 class OverSampler:

@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Preprocessing
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Preprocessing
 
 
 def _crop_resize(x: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:

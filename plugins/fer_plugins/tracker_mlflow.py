@@ -11,8 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Callback, RunInfo
+from fer_core.api import hookimpl
+from fer_core.api import Callback, RunInfo
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

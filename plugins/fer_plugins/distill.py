@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Batch, Outputs, Preprocessing, Sample, ScheduleInfo, TaskInfo
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Batch, Outputs, Preprocessing, Sample, ScheduleInfo, TaskInfo
 
 #: images per teacher forward when the cache is filled
 CACHE_BATCH_SIZE = 256

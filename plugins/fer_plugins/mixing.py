@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Batch, ScheduleInfo, TaskInfo
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Batch, ScheduleInfo, TaskInfo
 
 _U64 = 2**64
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Batch, Outputs, TaskInfo
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Batch, Outputs, TaskInfo
 
 #: lower bound of (1 - p) in the focal modulating factor: keeps the gradient of (1-p)^gamma
 #: finite at p = 1 when gamma < 1 (the clamp's gradient is 0 there, so nothing leaks)

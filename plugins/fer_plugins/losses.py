@@ -7,9 +7,9 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Batch, Outputs, TaskInfo
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Batch, Outputs, TaskInfo
 
 
 class CrossEntropy:

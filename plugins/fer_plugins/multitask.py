@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Batch, Outputs, TaskInfo
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Batch, Outputs, TaskInfo
 
 # ------------------------------------------------------------------ AU loss
 

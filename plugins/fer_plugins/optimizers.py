@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fer_core.hookspecs import hookimpl
+from fer_core.api import hookimpl
 
 
 def make_adamw(params, /, *, lr: float = 1e-3, weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.999)) -> torch.optim.Optimizer:

@@ -38,9 +38,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import DataSource, Sample
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import DataSource, Sample
 
 CLASSES = [
     "Happily surprised",

@@ -8,9 +8,9 @@ import torch
 import torchvision
 from torch import nn
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import Backbone, Preprocessing
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import Backbone, Preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

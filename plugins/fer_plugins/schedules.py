@@ -6,9 +6,9 @@ import math
 
 import torch
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import ScheduleInfo
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import ScheduleInfo
 
 
 def make_cosine(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *, min_lr: float = 0.0):

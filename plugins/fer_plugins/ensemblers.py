@@ -7,8 +7,8 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
+from fer_core.api import FerError
+from fer_core.api import hookimpl
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
-from fer_core.interfaces import DataSource, Sample
+from fer_core.api import FerError
+from fer_core.api import hookimpl
+from fer_core.api import DataSource, Sample
 
 
 @hookimpl
