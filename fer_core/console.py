@@ -12,7 +12,7 @@ from rich.text import Text
 
 from .interfaces import Callback, RunInfo
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 stdout = Console()
 
 

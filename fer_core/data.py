@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import random
+import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .errors import FerError
@@ -53,33 +56,172 @@ def cap_per_class(samples: Sequence[Sample], cap: int, seed: int) -> list[Sample
     return out
 
 
+# ------------------------------------------------------------------------------------ decoding
+
+#: Largest image (width × height) that is decoded; anything larger is reported as "too large".
+#: PIL's own limit is set to match (it warns above it and refuses above twice it).
+MAX_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+class TooLarge(Image.DecompressionBombError):
+    """An image declares more than ``MAX_PIXELS`` pixels (refused before decoding)."""
+
+
+def _decode(data: bytes) -> np.ndarray:
+    """Encoded bytes → H×W (grayscale) or H×W×3 (colour) uint8, fully decoded.
+
+    EXIF orientation is applied; 16-bit grayscale is scaled (not clipped) to 8 bits; palette,
+    alpha and other colour modes become RGB (alpha dropped). Raises on anything that does
+    not decode completely (truncated data included)."""
+    im = Image.open(io.BytesIO(data))  # reads the header only; a bytes buffer: nothing to close
+    w, h = im.size
+    if w * h > MAX_PIXELS:
+        raise TooLarge(f"{w}×{h} = {w * h:,} pixels, above the limit of {MAX_PIXELS:,} (fer_core.data.MAX_PIXELS)")
+    im.load()
+    try:
+        ImageOps.exif_transpose(im, in_place=True)
+    except Exception:  # noqa: BLE001 - unreadable EXIF metadata: the pixels are fine, keep them as stored
+        pass
+    mode = im.mode
+    if mode in ("L", "RGB"):
+        return np.asarray(im)
+    if mode in _SIXTEEN_BIT:
+        # "I" (32-bit) is how 16-bit grayscale files are read by some Pillow versions: its values
+        # are taken as 16-bit too; 0..65535 → 0..255, rounded
+        a = np.asarray(im).astype(np.int64).clip(0, 65535)
+        return ((a * 255 + 32767) // 65535).astype(np.uint8)
+    if mode in ("1", "LA", "La", "F"):  # "F" (float) is taken as 0..255 and clipped, as PIL does
+        return np.asarray(im.convert("L"))
+    if mode in ("P", "PA") and "transparency" in im.info:
+        im = im.convert("RGBA")  # palette transparency must go through RGBA (PIL warns otherwise)
+    return np.asarray(im.convert("RGB"))
+
+
+def _to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """A decoded image → H×W×C uint8 with C = 1 (grayscale) or 3 (RGB)."""
+    if channels == 1:
+        if arr.ndim == 3:  # the luma PIL's convert("L") computes (ITU-R 601-2)
+            arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).convert("L"))
+        return arr[:, :, None]
+    if arr.ndim == 2:  # grayscale replicated to the three channels
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    return arr
+
+
+def load_image(path: Path, channels: int) -> np.ndarray:
+    """H×W×C uint8; grayscale images are replicated to 3 channels when the model wants RGB.
+
+    Decoded exactly as ``check_images`` checks it: EXIF orientation applied, 16-bit scaled."""
+    return _to_channels(_decode(Path(path).read_bytes()), channels)
+
+
+@dataclass(frozen=True)
+class BadImage:
+    path: Path
+    reason: str  # short, countable: "missing", "truncated", "not an image", ...
+    detail: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.path} ({self.reason}{': ' + self.detail if self.detail else ''})"
+
+
+def _classify(path: Path, data: bytes | None, e: BaseException) -> BadImage:
+    if isinstance(e, FileNotFoundError):
+        return BadImage(path, "missing")
+    if isinstance(e, IsADirectoryError):
+        return BadImage(path, "a directory, not a file")
+    if isinstance(e, PermissionError):
+        return BadImage(path, "permission denied")
+    if data is None:  # any other error reading the file
+        return BadImage(path, "cannot be read", getattr(e, "strerror", None) or str(e))
+    if not data:
+        return BadImage(path, "empty file")
+    if isinstance(e, UnidentifiedImageError):
+        return BadImage(path, "not an image", "no image format recognises its contents")
+    if isinstance(e, TooLarge):
+        return BadImage(path, "too large", str(e))
+    if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return BadImage(path, "too large", f"{str(e).split(', could be')[0]} (fer_core.data.MAX_PIXELS)")
+    msg = str(e)
+    if "truncated" in msg:
+        return BadImage(path, "truncated", msg)
+    return BadImage(path, "cannot be decoded", f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
+
+
+@dataclass
+class ImageScan:
+    """What fully decoding every image found: the bad ones, a content hash of each good one
+    and, when asked for, the decoded images (so that ``cache_images`` need not decode again)."""
+
+    bad: list[BadImage]
+    digests: dict[Path, bytes]
+    decoded: dict[Path, np.ndarray] | None = None
+
+
+def scan_images(samples: Sequence[Sample], *, keep_decoded: bool = False) -> ImageScan:
+    """Read and fully decode each distinct image once (~2 s for FER2013's 32k 48×48 JPEGs)."""
+    bad: list[BadImage] = []
+    digests: dict[Path, bytes] = {}
+    decoded: dict[Path, np.ndarray] | None = {} if keep_decoded else None
+    seen: set[Path] = set()
+    with warnings.catch_warnings():
+        # PIL warns (rather than refuses) between MAX_IMAGE_PIXELS and twice it: make that an error
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        for s in samples:
+            if s.path in seen:
+                continue
+            seen.add(s.path)
+            data = None
+            try:
+                data = s.path.read_bytes()
+                arr = _decode(data)
+            except MemoryError:
+                raise
+            except Exception as e:  # noqa: BLE001 - any failure to decode a file is that file's fault
+                bad.append(_classify(s.path, data, e))
+                continue
+            digests[s.path] = hashlib.blake2b(data, digest_size=16).digest()
+            if decoded is not None:
+                decoded[s.path] = arr
+    return ImageScan(bad, digests, decoded)
+
+
 def unreadable(samples: Sequence[Sample]) -> list[tuple[Path, str]]:
-    """Images that are missing or cannot be decoded (header check only: cheap)."""
-    bad = []
-    for s in samples:
-        if not s.path.is_file():
-            bad.append((s.path, "missing"))
-            continue
-        try:
-            with Image.open(s.path) as im:
-                im.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            bad.append((s.path, f"unreadable ({type(e).__name__})"))
-    return bad
+    """Images that are missing or do not fully decode, with the reason."""
+    return [(b.path, f"{b.reason}: {b.detail}" if b.detail else b.reason) for b in scan_images(samples).bad]
 
 
-def check_images(samples: Sequence[Sample], skip_missing: bool) -> tuple[list[Sample], int]:
-    """Stop with one message listing missing/unreadable images, or drop and count them."""
-    bad = unreadable(samples)
+def _by_reason(bad: Sequence[BadImage]) -> Counter[str]:
+    return Counter(b.reason for b in bad)
+
+
+def _counts_text(counts: Counter[str]) -> str:
+    return ", ".join(f"{n} {why}" for why, n in counts.most_common())
+
+
+def _apply_check(samples: Sequence[Sample], bad: Sequence[BadImage], skip_missing: bool
+                 ) -> tuple[list[Sample], Counter[str]]:
     if bad and not skip_missing:
-        shown = "; ".join(f"{p} ({why})" for p, why in bad[:10])
+        shown = "; ".join(str(b) for b in bad[:10])
         more = f" … and {len(bad) - 10} more" if len(bad) > 10 else ""
+        why = f" [{_counts_text(_by_reason(bad))}]" if len(bad) > 1 else ""
         raise FerError(
-            f"{len(bad)} image(s) missing or unreadable: {shown}{more} "
+            f"{len(bad)} image(s) missing or unreadable{why}: {shown}{more} "
             f"(set data.skip_missing = true to skip and count them)"
         )
-    gone = {p for p, _ in bad}
-    return [s for s in samples if s.path not in gone], len(bad)
+    gone = {b.path for b in bad}
+    return [s for s in samples if s.path not in gone], _by_reason(bad)
+
+
+def check_images(samples: Sequence[Sample], skip_missing: bool) -> tuple[list[Sample], Counter[str]]:
+    """Fully decode every image. Stop with one message naming each bad file and its reason
+    (missing, a directory, permission denied, empty file, not an image, truncated, too large,
+    cannot be decoded), or, with ``skip_missing``, drop them: returns the kept samples and the
+    number dropped per reason (``sum(counts.values())`` in all)."""
+    return _apply_check(samples, scan_images(samples).bad, skip_missing)
 
 
 @dataclass
@@ -90,6 +232,12 @@ class Splits:
     val: list[Sample]
     skipped: int = 0
     notes: tuple[str, ...] = ()
+    #: problems worth a warning line (duplicates across train/val, classes without images, skips)
+    warnings: tuple[str, ...] = ()
+    skipped_by_reason: dict[str, int] = field(default_factory=dict)
+    #: path → decoded image, kept only with ``make_splits(keep_decoded=True)``; hand it to
+    #: ``ImageDataset(..., decoded=...)`` to cache without decoding a second time
+    decoded: dict[Path, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def task_info(self) -> TaskInfo:
         counts = Counter(s.label for s in self.train)
@@ -107,6 +255,31 @@ class Splits:
         )
 
 
+def _duplicate_warning(train: Sequence[Sample], val: Sequence[Sample], digests: Mapping[Path, bytes]) -> str | None:
+    first_train: dict[bytes, Path] = {}
+    for s in train:
+        d = digests.get(s.path)
+        if d is not None:
+            first_train.setdefault(d, s.path)
+    pairs = [(first_train[d], s.path) for s in val if (d := digests.get(s.path)) is not None and d in first_train]
+    if not pairs:
+        return None
+    shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3])
+    more = ", …" if len(pairs) > 3 else ""
+    return (f"{len(pairs)} validation image(s) are exact copies of training images (same file content), "
+            f"so validation scores are optimistic; e.g. {shown}{more}")
+
+
+def _class_warnings(classes: Sequence[str], train: Sequence[Sample], val: Sequence[Sample]) -> list[str]:
+    out = []
+    for split, samples in (("training", train), ("validation", val)):
+        counts = Counter(s.label for s in samples)
+        empty = [c for i, c in enumerate(classes) if not counts.get(i)]
+        if empty:
+            out.append(f"{len(empty)} class(es) have no {split} images: {', '.join(empty)}")
+    return out
+
+
 def make_splits(
     source: DataSource,
     *,
@@ -117,7 +290,12 @@ def make_splits(
     skip_missing: bool,
     max_train_per_class: int = 0,
     check_files: bool = True,
+    keep_decoded: bool = False,
 ) -> Splits:
+    """Train/val samples whose images all decode, and warnings about the split.
+
+    ``check_files``: decode every image (and look for exact duplicates between train and val);
+    ``keep_decoded``: keep the decoded images in ``Splits.decoded`` (for ``cache_images``)."""
     if train_split not in source.splits:
         raise FerError(
             f"data.train_split: split '{train_split}' not found; the dataset has: {', '.join(sorted(source.splits)) or '(none)'}"
@@ -128,25 +306,29 @@ def make_splits(
     else:
         train, val = stratified_split(train, val_fraction, seed)
     train = cap_per_class(train, max_train_per_class, seed)
-    skipped = 0
+    found: list[str] = []
+    by_reason: Counter[str] = Counter()
+    decoded = None
     if check_files:
-        kept, skipped = check_images(train + val, skip_missing)
+        scan = scan_images(train + val, keep_decoded=keep_decoded)
+        kept, by_reason = _apply_check(train + val, scan.bad, skip_missing)
         ok = {s.path for s in kept}
         train = [s for s in train if s.path in ok]
         val = [s for s in val if s.path in ok]
+        if by_reason:
+            found.append(f"skipped {sum(by_reason.values())} image(s) that cannot be used "
+                         f"(data.skip_missing = true): {_counts_text(by_reason)}")
+        dup = _duplicate_warning(train, val, scan.digests)
+        if dup:
+            found.append(dup)
+        decoded = scan.decoded
     if not train:
         raise FerError("data: the training split is empty")
     if not val:
         raise FerError("data: the validation split is empty")
-    return Splits(source.classes, source.au_names, train, val, skipped, tuple(source.notes))
-
-
-def load_image(path: Path, channels: int) -> np.ndarray:
-    """H×W×C uint8; grayscale images are replicated to 3 channels when the model wants RGB."""
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[:, :, None] if arr.ndim == 2 else arr
+    found += _class_warnings(source.classes, train, val)
+    return Splits(source.classes, source.au_names, train, val, sum(by_reason.values()), tuple(source.notes),
+                  tuple(found), dict(by_reason), decoded)
 
 
 class ImageDataset(Dataset):
@@ -159,14 +341,21 @@ class ImageDataset(Dataset):
         channels: int,
         num_aus: int = 0,
         cache: bool = False,
+        decoded: Mapping[Path, np.ndarray] | None = None,
     ) -> None:
+        """``cache``: decode every image once, now; ``decoded``: images already decoded
+        (``Splits.decoded``), used for the cache instead of reading those files again."""
         self.samples = list(samples)
         self.transform = transform
         self.channels = channels
         self.num_aus = num_aus
-        self._cache: list[np.ndarray] | None = (
-            [load_image(s.path, channels) for s in self.samples] if cache else None
-        )
+        self._cache: list[np.ndarray] | None = None
+        if cache:
+            got = decoded or {}
+            self._cache = [
+                _to_channels(got[s.path], channels) if s.path in got else load_image(s.path, channels)
+                for s in self.samples
+            ]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -192,11 +381,12 @@ def eval_transform(pre: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
     h, w = pre.input_size
 
     def transform(img: np.ndarray) -> torch.Tensor:
-        if img.shape[0] != h or img.shape[1] != w:
-            # cv2 INTER_LINEAR: the same resize albumentations' Resize uses in training
-            img = cv2.resize(img, (w, h), interpolation=cv2.INTER_LINEAR)
-            img = img[:, :, None] if img.ndim == 2 else img
-        t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float().div_(255.0)
+        t = torch.from_numpy(np.array(img, copy=True)).permute(2, 0, 1).float()
+        if t.shape[1] != h or t.shape[2] != w:
+            # bilinear without antialiasing, half-pixel centres: cv2.INTER_LINEAR (the resize
+            # albumentations' Resize uses in training) up to its uint8 rounding (≤ 1 grey level)
+            t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=False)[0]
+        t = t.div_(255.0)
         return (t - mean) / std
 
     return transform

@@ -123,9 +123,18 @@ class Engine:
             **self.checkpoint_extra,
         }
 
+    def _callback_keys(self) -> list[str]:
+        """Class name + occurrence (``ModelEma#0``): stable when other callbacks come or go on resume."""
+        seen: dict[str, int] = {}
+        keys = []
+        for cb in self.callbacks:
+            name = type(cb).__name__
+            keys.append(f"{name}#{seen.get(name, 0)}")
+            seen[name] = seen.get(name, 0) + 1
+        return keys
+
     def _callback_states(self) -> dict[str, Any]:
-        """Each callback's own state, keyed by position and class (stable for one recipe)."""
-        return {f"{i}:{type(cb).__name__}": cb.state_dict() for i, cb in enumerate(self.callbacks)}
+        return {k: cb.state_dict() for k, cb in zip(self._callback_keys(), self.callbacks)}
 
     def save_last(self) -> None:
         self.rundir.save(
@@ -159,7 +168,7 @@ class Engine:
         self.state = TrainState(**ckpt["train_state"])
         self.run.state.update(ckpt.get("callback_state") or {})
         saved = ckpt.get("callbacks") or {}
-        for key, cb in zip(self._callback_states(), self.callbacks):
+        for key, cb in zip(self._callback_keys(), self.callbacks):
             if key in saved:
                 cb.load_state_dict(saved[key])
         rng = ckpt.get("rng") or {}
@@ -259,7 +268,7 @@ class Engine:
             seen += n
             elapsed = time.perf_counter() - t0
             self._emit("on_train_batch_end", epoch, i + 1, {
-                "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"],
+                "loss": loss_value, "lr": self.optimizer.param_groups[0]["lr"], "step": self.state.global_step,
                 "img_s": seen / elapsed if elapsed > 0 else 0.0,
                 **{f"loss_{k}": float(v) for k, v in parts.items()},
             })

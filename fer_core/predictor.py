@@ -20,6 +20,7 @@ from .build import build_model, build_source, build_splits, eval_loader
 from .data import check_images
 from .errors import FerError
 from .hardware import Precision, autocast, resolve_device, resolve_precision, to_device
+from .kinds import BY_NAME
 from .interfaces import Calibrator, Predictor, Preprocessing, Sample, TestTimeAugmentation
 from .metrics import ece, metrics_from_predictions, nll, softmax
 from .model import FerModel
@@ -226,7 +227,8 @@ def evaluate_predictions(pred: Predictor, p: dict[str, np.ndarray]) -> dict[str,
 
 def build_tta(pred: Predictor) -> TestTimeAugmentation:
     """The recipe's [tta] table, or the default plugin's defaults (identity + mirror)."""
-    return pred.registry.build("tta", pred.recipe.tta.spec(), "tta", pred.preprocessing)
+    spec = pred.recipe.tta.spec() if pred.recipe.tta is not None else {"plugin": BY_NAME["tta"].default}
+    return pred.registry.build("tta", spec, "tta", pred.preprocessing)
 
 
 def evaluate(path: Path, split: str | None, overrides: Sequence[str], tta: bool = False) -> dict[str, Any]:

@@ -6,9 +6,9 @@ import copy
 import difflib
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
 
 from .errors import FerError
 from .kinds import BY_NAME
@@ -37,19 +37,27 @@ class Component(BaseModel):
         return {"plugin": self.plugin, **self.params()}
 
 
+# Section value types. Strict: TOML gives ints for ints and floats for floats, so a boolean is
+# never taken for a number (`epochs = true` is not 1) nor a number for a boolean; a strict float
+# still takes an int (`clip_grad_norm = 1`).
+_Bool = Annotated[bool, Field(strict=True)]
+_Count = Annotated[int, Field(ge=0, strict=True)]  # 0 usually means "off" / "default"
+_Positive = Annotated[int, Field(ge=1, strict=True)]
+
+
 class DataSection(Component):
     """Dataset plugin params plus the core's own data options (these names are reserved)."""
 
     train_split: str = "train"
     val_split: str = "val"
     #: stratified hold-out taken from the training split when the dataset has no `val_split`
-    val_fraction: float = Field(0.1, gt=0, lt=1)
+    val_fraction: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, strict=True)] = 0.1
     #: skip and count missing/unreadable images instead of stopping with the list of them
-    skip_missing: bool = False
+    skip_missing: _Bool = False
     #: keep at most this many training images per class (quick experiments); 0 = all
-    max_train_per_class: int = Field(0, ge=0)
+    max_train_per_class: _Count = 0
     #: decode every image once into memory (small datasets: no JPEG decoding per epoch)
-    cache_images: bool = False
+    cache_images: _Bool = False
 
 
 class ModelSection(_Strict):
@@ -65,33 +73,34 @@ class ModelSection(_Strict):
 
 
 class TrainSection(_Strict):
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(0, ge=0)  # 0 = 2 × batch_size
-    seed: int = 0
+    epochs: _Positive = 10
+    batch_size: _Positive = 64
+    eval_batch_size: _Count = 0  # 0 = 2 × batch_size
+    #: torch.manual_seed's range
+    seed: Annotated[int, Field(ge=-(2**63), lt=2**64, strict=True)] = 0
     device: Literal["auto", "cpu", "cuda", "mps"] | str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
-    accumulate_steps: int = Field(1, ge=1)
-    clip_grad_norm: float = Field(0.0, ge=0)  # 0 = off
-    grad_checkpointing: bool = False
-    compile: bool = False
-    num_workers: int | Literal["auto"] = "auto"
-    pin_memory: bool | Literal["auto"] = "auto"
-    deterministic: bool = False
+    accumulate_steps: _Positive = 1
+    clip_grad_norm: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 0.0  # 0 = off
+    grad_checkpointing: _Bool = False
+    compile: _Bool = False
+    num_workers: _Count | Literal["auto"] = "auto"
+    pin_memory: _Bool | Literal["auto"] = "auto"
+    deterministic: _Bool = False
     monitor: str = "macro_f1"  # validation metric that picks the best checkpoint
     monitor_mode: Literal["max", "min"] = "max"
-    early_stopping_patience: int = Field(0, ge=0)  # epochs without improvement; 0 = off
-    threads: int = Field(0, ge=0)  # torch CPU threads; 0 = torch default
+    early_stopping_patience: _Count = 0  # epochs without improvement; 0 = off
+    threads: _Count = 0  # torch CPU threads; 0 = torch default
 
 
 class TrackingSection(Component):
     plugin: str = "mlflow"  # not essential: with tracking off, or another tracker, it may be disabled
-    enabled: bool = True
+    enabled: _Bool = True
 
 
 class PluginsSection(_Strict):
-    disable: list[str] = Field(default_factory=list)
+    disable: list[StrictStr] = Field(default_factory=list)
 
 
 class Recipe(_Strict):

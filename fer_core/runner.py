@@ -22,7 +22,7 @@ from .rundir import RunDir
 
 #: recipe keys a resumed run may change; everything else would make its checkpoints lie
 RESUMABLE = ("train.epochs", "train.num_workers", "train.threads", "train.pin_memory", "train.eval_batch_size",
-             "train.early_stopping_patience", "tracking", "name", "description")
+             "train.early_stopping_patience", "tracking", "callbacks", "name", "description")
 
 
 def default_out_dir(recipe: Recipe) -> Path:
@@ -142,7 +142,7 @@ def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[st
 
 
 def _check_monitor(recipe: Recipe, au_names: list[str], au_head: bool) -> None:
-    produced = ["accuracy", "macro_f1", "balanced_accuracy"] + (["au_mean_f1"] if au_names and au_head else [])
+    produced = ["accuracy", "macro_f1", "balanced_accuracy", "num_samples"] + (["au_mean_f1"] if au_names and au_head else [])
     if recipe.train.monitor not in produced:
         from .registry import _did_you_mean
 

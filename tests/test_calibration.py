@@ -7,7 +7,15 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from fer_core import checkpoint
-from fer_core.calibration import ece, fit_temperature, nll, reliability
+from fer_core.metrics import ece, nll, reliability
+from fer_core.registry import get_registry
+
+
+def fit_temperature(logits, labels, **params) -> float:
+    cal = get_registry().build("calibrator", {"plugin": "temperature", **params}, "calibration")
+    cal.fit(logits, labels)
+    assert np.allclose(cal(logits), logits / cal.state()["temperature"])
+    return cal.state()["temperature"]
 
 
 @st.composite
@@ -31,6 +39,13 @@ def test_temperature_never_changes_the_argmax_and_never_raises_nll(data):
     assert nll(logits, labels, t) <= nll(logits, labels, 1.0) + 1e-9
 
 
+def test_temperature_stays_within_its_bounds_on_degenerate_validation_sets():
+    logits = np.array([[8.0, 0.0], [0.0, 8.0]])  # two images, both right: NLL falls as T → 0
+    assert fit_temperature(logits, np.array([0, 1]), min_t=0.5) == pytest.approx(0.5)
+    wrong = np.array([[8.0, 0.0], [0.0, 8.0]])  # both confidently wrong: NLL falls as T → ∞
+    assert fit_temperature(wrong, np.array([1, 0]), max_t=5.0) == pytest.approx(5.0)
+
+
 def test_temperature_recovers_a_known_overconfidence():
     rng = np.random.default_rng(0)
     true_logits = rng.normal(size=(4000, 5)) * 2
@@ -50,18 +65,30 @@ def test_ece_by_hand():
 
 
 def test_runs_store_a_temperature_and_report_ece_before_and_after(write_recipe, tmp_path):
-    from fer_core.inference import evaluate
+    from fer_core.predictor import evaluate
     from fer_core.runner import train
 
     out = tmp_path / "cal"
     _, final = train(write_recipe(epochs=1), [], out, None)
     cal = json.loads((out / "metrics.json").read_text())["calibration"]
-    assert set(cal) == {"temperature", "ece", "ece_calibrated", "nll", "nll_calibrated"}
+    assert {"ece", "ece_calibrated", "nll", "nll_calibrated"} <= set(cal)
+    assert cal["calibrator"] == "temperature" and cal["in_sample"] is True
     assert cal["nll_calibrated"] <= cal["nll"] + 1e-9
-    assert checkpoint.load(out / "best.pt")["temperature"] == pytest.approx(cal["temperature"])
+    stored = checkpoint.load(out / "best.pt")["calibration"]
+    assert stored["plugin"] == "temperature"
+    assert stored["state"]["temperature"] == pytest.approx(cal["state"]["temperature"])
     ev = evaluate(out, None, [])
-    assert ev["calibration"]["temperature"] == pytest.approx(cal["temperature"])
+    assert ev["calibration"]["nll_calibrated"] == pytest.approx(cal["nll_calibrated"], rel=1e-4)
     assert ev["accuracy"] == pytest.approx(final["accuracy"])
+
+
+def test_calibration_none_reports_the_raw_softmax(write_recipe, tmp_path):
+    from fer_core.runner import train
+
+    out = tmp_path / "nocal"
+    train(write_recipe(epochs=1), ["calibration.plugin=\"none\""], out, None)
+    cal = json.loads((out / "metrics.json").read_text())["calibration"]
+    assert cal["calibrator"] == "none" and cal["nll_calibrated"] == pytest.approx(cal["nll"])
 
 
 def test_calibrate_command_stores_a_temperature_in_an_existing_run(write_recipe, tmp_path):
@@ -71,10 +98,10 @@ def test_calibrate_command_stores_a_temperature_in_an_existing_run(write_recipe,
     out = tmp_path / "old"
     train(write_recipe(epochs=1), [], out, None)
     ck = checkpoint.load(out / "best.pt")
-    del ck["temperature"]  # as written by a version without calibration
+    del ck["calibration"]  # as written by a version without calibration
     checkpoint.save(out / "best.pt", ck)
     r = fer("calibrate", str(out))
     assert r.returncode == 0 and "temperature" in r.stdout, r.stderr
-    assert "temperature" in checkpoint.load(out / "best.pt")
+    assert "temperature" in checkpoint.load(out / "best.pt")["calibration"]["state"]
     r = fer("calibrate", str(out), "--split", "test")
     assert r.returncode == 2 and "looks like a test split" in r.stderr

@@ -9,7 +9,7 @@ import torch
 
 from fer_core import checkpoint
 from fer_core.errors import FerError, NonFiniteLossError
-from fer_core.hookspecs import hookimpl
+from fer_core.api import hookimpl
 from fer_core.interfaces import Callback
 from fer_core.registry import get_registry
 from fer_core.runner import train

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from fer_core.errors import FerError
-from fer_core.hookspecs import hookimpl
+from fer_core.api import hookimpl
 from fer_core.registry import Registry, get_registry
 
 
@@ -23,11 +23,70 @@ def test_builtins_are_registered_through_entry_points():
 
 
 def test_blocking_a_plugin_by_name_removes_its_components():
-    reg = Registry(disabled=["heads"])
-    assert "linear" not in reg.components["head"]
-    assert "cosine" in reg.components["scheduler"]
-    with pytest.raises(FerError, match=r"model.heads.emotion.plugin: unknown head plugin 'linear'"):
-        reg.get("head", "linear", "model.heads.emotion")
+    reg = Registry(disabled=["schedules"])
+    assert "cosine" not in reg.components["scheduler"]
+    assert "linear" in reg.components["head"]
+    with pytest.raises(FerError, match=r"schedule.plugin: unknown scheduler plugin 'cosine'.*disabled plugins: schedules"):
+        reg.get("scheduler", "cosine", "schedule")
+
+
+@pytest.mark.parametrize("name", ["heads", "losses", "optimizers", "augment_basic", "calibration"])
+def test_essential_plugins_cannot_be_disabled(name):
+    with pytest.raises(FerError, match=rf"plugins.disable: plugin '{name}' is essential: it provides .*cannot be disabled"):
+        Registry(disabled=[name])
+
+
+def test_a_typo_in_plugins_disable_is_an_error_with_a_suggestion():
+    with pytest.raises(FerError, match=r"plugins.disable: no plugin named 'schedulez' \(did you mean 'schedules'\?\)"):
+        Registry(disabled=["schedulez"])
+
+
+def test_a_plugin_disabled_in_the_recipe_is_not_used_inside_a_nested_table():
+    """A multitask loss whose emotion child is focal: disabling the plugin that provides focal
+    must fail validation (the nested table is validated by the recipe's own registry)."""
+    from fer_core.recipe import validate
+
+    raw = {"data": {"plugin": "csv", "root": "x"}, "model": {"backbone": {"plugin": "timm", "name": "resnet10t"}},
+           "loss": {"plugin": "multitask", "losses": {"emotion": {"plugin": "focal"}, "au": {"plugin": "au_bce"}}},
+           "tracking": {"enabled": False}}
+    validate(raw, "r.toml")  # fine with everything enabled
+    with pytest.raises(FerError, match=r"r.toml: loss.losses.emotion.plugin: unknown loss plugin 'focal'.*"
+                                       r"disabled plugins: losses_imbalance"):
+        validate({**raw, "plugins": {"disable": ["losses_imbalance"]}}, "r.toml")
+
+
+def test_nested_tables_get_their_defaults_filled_and_cannot_nest_themselves():
+    from fer_core.recipe import validate, resolved
+
+    raw = {"data": {"plugin": "csv", "root": "x"}, "model": {"backbone": {"plugin": "timm", "name": "resnet10t"}},
+           "loss": {"plugin": "distill", "hard": {"plugin": "focal"}}, "tracking": {"enabled": False}}
+    assert resolved(validate(raw, "r"))["loss"]["hard"] == {"plugin": "focal", "gamma": 2.0, "alpha": "none"}
+    raw["loss"]["hard"] = {"plugin": "distill"}
+    with pytest.raises(FerError, match=r"loss.hard: a 'distill' loss cannot nest itself"):
+        validate(raw, "r")
+
+
+def test_mixing_in_front_of_a_loss_without_soft_labels_is_refused():
+    from fer_core.recipe import validate
+
+    class Poly1:
+        @hookimpl
+        def register_losses(self, register):
+            register("poly1_hard_only", lambda task, /, *, epsilon=1.0: None)
+
+    get_registry().add_plugin(Poly1(), "poly1_plugin")
+    try:
+        raw = {"data": {"plugin": "csv", "root": "x"}, "model": {"backbone": {"plugin": "timm", "name": "resnet10t"}},
+               "loss": {"plugin": "poly1_hard_only"}, "batch_transforms": [{"plugin": "mixup"}],
+               "tracking": {"enabled": False}}
+        with pytest.raises(FerError, match=r"batch_transforms\[0\]: plugin 'mixup' mixes labels .* loss "
+                                           r"'poly1_hard_only' does not declare"):
+            validate(raw, "r")
+        raw["loss"] = {"plugin": "multitask", "losses": {"emotion": {"plugin": "cross_entropy"}}}
+        validate(raw, "r")  # the emotion child decides, and cross-entropy accepts soft labels
+    finally:
+        get_registry().pm.unregister(name="poly1_plugin")
+        get_registry().components["loss"].pop("poly1_hard_only")
 
 
 def _fake_distribution(root, dist: str, module: str, body: str) -> None:
@@ -41,7 +100,7 @@ def _fake_distribution(root, dist: str, module: str, body: str) -> None:
 
 def test_two_distributions_claiming_one_name_is_an_error_naming_both(tmp_path, monkeypatch):
     _fake_distribution(tmp_path, "rogue-losses", "rogue_losses", """
-        from fer_core.hookspecs import hookimpl
+        from fer_core.api import hookimpl
         @hookimpl
         def register_losses(register):
             register("cross_entropy", lambda task, /: None)

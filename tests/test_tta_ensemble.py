@@ -1,4 +1,4 @@
-"""Test-time augmentation and ensembles on a real tiny run."""
+"""Test-time augmentation and ensembles (the built-in `ensembles` plugin) on a real tiny run."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 from conftest import tiny_recipe
 from fer_core import checkpoint
-from fer_core.ensemble import Ensemble, build, validate_spec
-from fer_core.errors import FerError
-from fer_core.inference import ViewAveraging, load_run, probabilities, run_predictions, split_samples
-from fer_core.registry import get_registry
+from fer_core.api import FerError, RunPredictor, get_registry, load_predictor, softmax, split_samples
+from fer_core.predictor import ViewAveraging, evaluate
+from fer_plugins import ensembles
+from fer_plugins.ensembles import EnsemblePredictor, build, validate_spec
 from test_cli import fer
 
 
@@ -29,10 +29,31 @@ def run_dir(tmp_path_factory, fer_subset):
     return d / "run"
 
 
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return load_predictor(run_dir)
+
+
+@pytest.fixture(scope="module")
+def val_samples(run):
+    return split_samples(run, None)[1]
+
+
 def tta(**params):
     from fer_core.interfaces import Preprocessing
 
     return get_registry().build("tta", {"plugin": "standard", **params}, "tta", Preprocessing((32, 32), 1, (0.5,), (0.5,)))
+
+
+def probs_of(pred) -> np.ndarray:
+    return softmax(pred["calibrated.emotion"])
+
+
+def one_error_line(r) -> str:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
 
 
 def test_views_are_flips_crops_and_scales_of_the_input():
@@ -45,14 +66,12 @@ def test_views_are_flips_crops_and_scales_of_the_input():
         tta(identity=False)
 
 
-def test_identity_tta_equals_plain_evaluation(run_dir):
-    run = load_run(run_dir)
-    _, samples = split_samples(run, None)
-    plain = run_predictions(run, samples)
+def test_identity_tta_equals_plain_evaluation(run, val_samples):
+    assert isinstance(run, RunPredictor)
+    plain = run.predict(val_samples)
     for combine in ("probs", "logits"):
-        same = run_predictions(run, samples, tta(hflip=False, combine=combine))
-        np.testing.assert_allclose(probabilities(run, same["logits.emotion"]),
-                                   probabilities(run, plain["logits.emotion"]), atol=1e-5)
+        same = run.predict(val_samples, tta(hflip=False, combine=combine))
+        np.testing.assert_allclose(probs_of(same), probs_of(plain), atol=1e-5)
     flipped = ViewAveraging(run.model, tta(hflip=True))(torch.zeros(2, 1, 32, 32))
     assert flipped["emotion"].shape == (2, 7)
 
@@ -63,7 +82,7 @@ def test_eval_with_tta_through_the_cli(run_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     rep = json.loads(js.read_text())
     assert rep["inference"]["tta_views"] == 2 and rep["inference"]["batched_ms_per_image"] > 0
-    assert "TTA view" in r.stdout
+    assert "2 view(s)" in r.stdout
 
 
 def permuted_copy(src, dst):
@@ -78,42 +97,175 @@ def permuted_copy(src, dst):
     return dst
 
 
-def test_ensemble_of_identical_models_equals_the_model_whatever_the_class_order(run_dir, tmp_path):
+def test_ensemble_of_identical_models_equals_the_model_whatever_the_class_order(run_dir, run, val_samples, tmp_path):
     other = permuted_copy(run_dir, tmp_path / "reversed")
-    run = load_run(run_dir)
-    _, samples = split_samples(run, None)
-    single = probabilities(run, run_predictions(run, samples)["logits.emotion"])
+    single = probs_of(run.predict(val_samples))
     for combiner in ({"plugin": "average", "weights": "equal"}, {"plugin": "average", "space": "logits", "weights": "fit"}):
         out = tmp_path / f"ens_{combiner.get('space', 'probs')}"
         spec = validate_spec({"members": [str(run_dir), str(other)], "combiner": combiner}, "t")
         report = build(spec, out)
-        np.testing.assert_allclose(Ensemble(out).probabilities(samples), single, atol=1e-5)
+        ens = load_predictor(out)  # through the core: the `ensemble` artifact plugin reads the directory
+        assert isinstance(ens, EnsemblePredictor) and ens.describe()["kind"] == "ensemble"
+        got = ens.predict(val_samples)
+        np.testing.assert_allclose(probs_of(got), single, atol=1e-5)
+        np.testing.assert_array_equal(got["logits.emotion"], got["calibrated.emotion"])
+        np.testing.assert_array_equal(got["label"], [s.label for s in val_samples])
         assert report["accuracy"] == pytest.approx(report["members"][0]["accuracy"])
-        assert report["size_mb"] == pytest.approx(2 * report["members"][0]["size_mb"])
-        assert (out / "members").is_dir() and json.loads((out / "ensemble.json").read_text())["classes"] == run.classes
+        assert report["size_mb"] == pytest.approx(2 * report["members"][0]["size_mb"]) == pytest.approx(ens.size_mb())
+        assert report["in_sample"] and report["split"] == "val"
+        meta = json.loads((out / "ensemble.json").read_text())
+        assert (out / "members").is_dir() and meta["classes"] == run.classes
+        assert sorted(p.name for p in (out / meta["members"][0]["path"]).iterdir()) == ["best.pt", "recipe.toml"]
+        # the resolved spec is stored with the combiner's defaults filled in
+        assert "weights" in (out / "ensemble.toml").read_text()
 
 
 def test_ensemble_guards_fit_split_size_and_existing_output(run_dir, tmp_path):
     spec = validate_spec({"members": [str(run_dir)], "fit_split": "test"}, "t")
-    with pytest.raises(FerError, match="looks like a test split"):
+    with pytest.raises(FerError, match="fit_split: 'test' looks like a test split"):
         build(spec, tmp_path / "a")
     spec = validate_spec({"members": [str(run_dir), str(run_dir)], "max_size_mb": 0.001}, "t")
     with pytest.raises(FerError, match=r"total .* MB, over the limit of 0.001 MB"):
         build(spec, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x").write_text("")
+    with pytest.raises(FerError, match="exists and is not an empty directory"):
+        build(validate_spec({"members": [str(run_dir)]}, "t"), tmp_path / "c")
     with pytest.raises(FerError, match="unknown ensembler plugin 'averag'"):
         validate_spec({"members": [str(run_dir)], "combiner": {"plugin": "averag"}}, "t")
+    with pytest.raises(FerError, match=r"t: membres: unknown key; accepted: name, members"):
+        validate_spec({"membres": [str(run_dir)]}, "t")
+    with pytest.raises(FerError, match=r"combiner.weights: weights must be ≥ 0 and not all 0"):
+        validate_spec({"members": [str(run_dir)], "combiner": {"weights": [0.0]}}, "t")
+    with pytest.raises(FerError, match=r"combiner.weights: 3 weights for 1 members"):
+        build(validate_spec({"members": [str(run_dir)], "combiner": {"weights": [1, 1, 1]}}, "t"), tmp_path / "d")
+    assert not (tmp_path / "d").exists()
 
 
-def test_stacking_and_cli_round_trip(run_dir, tmp_path):
+def test_stacking_and_cli_round_trip(run_dir, val_samples, tmp_path):
     out = tmp_path / "stack"
     r = fer("ensemble", str(run_dir), str(run_dir), "--out", str(out), "--combiner", "stacking")
     assert r.returncode == 0, r.stderr
     assert "ensemble written to" in r.stdout
-    probs = Ensemble(out).probabilities(split_samples(load_run(run_dir), None)[1])
+    assert "combiner stacking (c=1.0) fitted on 'val': coef 7×14 matrix" in r.stdout
+    assert "in-sample (fitted on 'val')" in r.stdout
+    probs = probs_of(load_predictor(out).predict(val_samples))
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-6)
-    r = fer("eval", str(out))
-    assert r.returncode == 0 and "2 member(s)" in r.stdout, r.stderr
+    js = tmp_path / "eval.json"
+    r = fer("eval", str(out), "--json", str(js))
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(js.read_text())
+    assert rep["inference"]["kind"] == "ensemble" and rep["inference"]["members"] == 2
+    assert rep["inference"]["combiner"] == "stacking" and rep["split"] == "val"
+    line = one_error_line(fer("eval", str(out), "--tta"))
+    assert "--tta: not supported for ensembles (evaluate the members with --tta)" in line
+
+
+def test_given_weights_from_an_override_merge_into_the_default_combiner(run_dir, tmp_path):
+    out = tmp_path / "given"
+    r = fer("ensemble", str(run_dir), str(permuted_copy(run_dir, tmp_path / "rev")), "--out", str(out),
+            "-o", "combiner.weights=[1,3]")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "ensemble.json").read_text())
+    assert meta["combiner"]["plugin"] == "average" and meta["combiner"]["params"]["space"] == "probs"
+    assert meta["combiner"]["state"]["weights"] == pytest.approx([0.25, 0.75])
+    assert "weights run 0.2500, rev 0.7500" in r.stdout
+    assert "in-sample (fitted on 'val')" in r.stdout
+    # --combiner naming the default keeps the overridden table; naming another one starts a new table
+    spec = ensembles.spec_from_command_line([run_dir], ["combiner.weights=[0.5]"], combiner="average")
+    assert spec.combiner.params()["weights"] == [0.5]
+    spec = ensembles.spec_from_command_line([run_dir], ["combiner.c=0.5"], combiner="stacking")
+    assert spec.combiner.spec() == {"plugin": "stacking", "c": 0.5}
+    line = one_error_line(fer("ensemble", str(run_dir), "--out", str(tmp_path / "bad"), "-o", "combiner.weights=[-1]"))
+    assert "combiner.weights: weights must be ≥ 0" in line
+
+
+def test_eval_of_an_ensemble_goes_through_the_cores_evaluate(run_dir, tmp_path):
+    out = tmp_path / "ens"
+    report = build(validate_spec({"members": [str(run_dir), str(run_dir)]}, "t"), out)
+    ev = evaluate(out, None, [])
+    assert ev["split"] == "val" and ev["accuracy"] == pytest.approx(report["accuracy"])
+    assert ev["inference"]["kind"] == "ensemble" and ev["inference"]["tta_views"] == 1
+    assert ev["calibration"]["ece"] == pytest.approx(ev["calibration"]["ece_calibrated"])
+    with pytest.raises(FerError, match="--tta: not supported for ensembles"):
+        evaluate(out, None, [], tta=True)
+    # the file itself names the artifact too
+    assert isinstance(load_predictor(out / "ensemble.json"), EnsemblePredictor)
+
+
+def test_members_may_be_ensembles_and_the_combiner_uses_the_first_members_registry(run_dir, val_samples, tmp_path,
+                                                                                    monkeypatch):
+    inner = tmp_path / "inner"
+    build(validate_spec({"members": [str(run_dir)], "combiner": {"weights": "equal"}}, "t"), inner)
+    built = []
+
+    class Spy:
+        def __init__(self, reg):
+            self.reg = reg
+
+        def build(self, kind, *args):
+            built.append(kind)
+            return self.reg.build(kind, *args)
+
+        def __getattr__(self, name):
+            return getattr(self.reg, name)
+
+    original = ensembles.load_predictor
+
+    def spied(*args, **kwargs):
+        pred = original(*args, **kwargs)
+        pred.registry = Spy(pred.registry)
+        return pred
+
+    monkeypatch.setattr(ensembles, "load_predictor", spied)
+    outer = tmp_path / "outer"
+    build(validate_spec({"members": [str(inner), str(run_dir)]}, "t"), outer)
+    assert "ensembler" in built
+    monkeypatch.undo()
+    ens = load_predictor(outer)
+    assert [m.describe()["kind"] for m in ens.members] == ["ensemble", "run"]
+    single = probs_of(load_predictor(run_dir).predict(val_samples))
+    np.testing.assert_allclose(probs_of(ens.predict(val_samples)), single, atol=1e-5)
+
+
+def test_a_corrupt_ensemble_file_is_one_line_naming_it(run_dir, tmp_path):
+    out = tmp_path / "ens"
+    build(validate_spec({"members": [str(run_dir)]}, "t"), out)
+    file = out / "ensemble.json"
+    good = file.read_text()
+    file.write_text('{"name": "x", "members": [')
+    line = one_error_line(fer("eval", str(out)))
+    assert f"{file}: not valid JSON" in line
+    file.write_bytes(b"\xff\xfe\x00")
+    assert f"{file}: not valid JSON" in one_error_line(fer("eval", str(out)))
+    meta = json.loads(good)
+    del meta["combiner"]
+    file.write_text(json.dumps(meta))
+    with pytest.raises(FerError, match=f"{file}: not an ensemble written by `fer ensemble`: combiner: required"):
+        load_predictor(out)
+    meta = json.loads(good)
+    meta["combiner"]["state"] = {}
+    file.write_text(json.dumps(meta))
+    with pytest.raises(FerError, match=f"{file}: the state of combiner 'average' is unreadable"):
+        load_predictor(out)
+    meta = json.loads(good)
+    meta["classes"] = ["a", "b"]
+    file.write_text(json.dumps(meta))
+    with pytest.raises(FerError, match="the artifact is inconsistent"):
+        load_predictor(out)
+
+
+def test_ensemble_recipes_are_claimed_by_the_plugin(run_dir, tmp_path):
+    from fer_core.recipe import check_any
+
+    r = fer("recipe", "check", "recipes/ensemble.toml", "--show")
+    assert r.returncode == 0, r.stderr
+    assert "recipes/ensemble.toml: valid" in r.stdout and 'weights = "fit"' in r.stdout
+    resolved = check_any({"members": [str(run_dir)], "combiner": {"plugin": "stacking"}}, "e.toml")
+    assert resolved["combiner"] == {"plugin": "stacking", "c": 1.0} and resolved["fit_split"] == "val"
+    with pytest.raises(FerError, match=r"e.toml: combiner.cc: unknown key for ensembler plugin 'stacking'"):
+        check_any({"members": [str(run_dir)], "combiner": {"plugin": "stacking", "cc": 1}}, "e.toml")
 
 
 def test_ensemble_logits_for_a_batch_match_its_probabilities(run_dir, tmp_path):
@@ -121,9 +273,9 @@ def test_ensemble_logits_for_a_batch_match_its_probabilities(run_dir, tmp_path):
 
     out = tmp_path / "ens"
     build(validate_spec({"members": [str(run_dir), str(permuted_copy(run_dir, tmp_path / "rev"))]}, "t"), out)
-    ens = Ensemble(out)
-    run = ens.runs[0]
-    _, samples = split_samples(run, None)
-    images = torch.stack([eval_transform(run.preprocessing)(load_image(s.path, 1)) for s in samples[:6]])
-    got = torch.softmax(ens.logits(images, run.preprocessing), 1).numpy()
-    np.testing.assert_allclose(got, ens.probabilities(samples[:6]), atol=1e-5)
+    ens = load_predictor(out)
+    pre = ens.preprocessing
+    _, samples = split_samples(ens, None)
+    images = torch.stack([eval_transform(pre)(load_image(s.path, 1)) for s in samples[:6]])
+    got = torch.softmax(ens.logits(images, pre), 1).numpy()
+    np.testing.assert_allclose(got, probs_of(ens.predict(samples[:6])), atol=1e-5)

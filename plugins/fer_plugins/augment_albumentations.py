@@ -12,13 +12,13 @@ from __future__ import annotations
 import difflib
 import inspect
 import warnings
-from typing import Any, Callable, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
-from pydantic import ValidationError
+from pydantic import Field, ValidationError
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
@@ -210,37 +210,45 @@ def _check_p(**probs: float) -> None:
             raise FerError(f"{SECTION}.{key}: a probability must be in [0, 1] (got {p!r})")
 
 
+#: a probability, in [0, 1]
+_P = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
+#: a fraction of the image size or of the intensity range, in [0, 1]
+_Frac = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
+#: an HSV shift limit for saturation / value (uint8 units)
+_Shift255 = Annotated[int, Field(ge=0, le=255, strict=True)]
+
+
 def make_albumentations(
     pre: Preprocessing,
     /,
     *,
     preset: Literal["strong", "light", "none"] = "strong",
     transforms: list[dict[str, Any]] = (),  # type: ignore[assignment]  # immutable default
-    crop_scale: float = 256 / 224,
-    hflip: float = 0.5,
-    vflip: float = 0.1,
-    rotate_limit: float = 30.0,
-    rotate_p: float = 0.5,
-    shift: float = 0.1,
-    scale: float = 0.1,
-    affine_p: float = 0.5,
+    crop_scale: Annotated[float, Field(ge=1, allow_inf_nan=False, strict=True)] = 256 / 224,
+    hflip: _P = 0.5,
+    vflip: _P = 0.1,
+    rotate_limit: Annotated[float, Field(ge=0, le=180, allow_inf_nan=False, strict=True)] = 30.0,  # degrees
+    rotate_p: _P = 0.5,
+    shift: _Frac = 0.1,
+    scale: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False, strict=True)] = 0.1,  # zoom 1 ± scale: stays > 0
+    affine_p: _P = 0.5,
     border: Literal["reflect", "constant", "replicate"] = "reflect",
-    color_p: float = 0.5,
-    brightness: float = 0.2,
-    contrast: float = 0.2,
-    hue: int = 20,
-    saturation: int = 30,
-    value: int = 20,
-    noise_p: float = 0.3,
-    noise_std: tuple[float, float] = (0.0124, 0.0277),
-    blur_limit: int = 7,
-    distort_p: float = 0.2,
-    elastic_alpha: float = 1.0,
-    elastic_sigma: float = 50.0,
-    grid_distort: float = 0.3,
-    dropout_holes: int = 8,
-    dropout_size: float = 32 / 224,
-    dropout_p: float = 0.3,
+    color_p: _P = 0.5,
+    brightness: _Frac = 0.2,
+    contrast: _Frac = 0.2,
+    hue: Annotated[int, Field(ge=0, le=180, strict=True)] = 20,
+    saturation: _Shift255 = 30,
+    value: _Shift255 = 20,
+    noise_p: _P = 0.3,
+    noise_std: tuple[_Frac, _Frac] = (0.0124, 0.0277),
+    blur_limit: Annotated[int, Field(ge=3, strict=True)] = 7,  # and odd: checked below
+    distort_p: _P = 0.2,
+    elastic_alpha: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 1.0,
+    elastic_sigma: Annotated[float, Field(ge=1, allow_inf_nan=False, strict=True)] = 50.0,  # albumentations' bound
+    grid_distort: _Frac = 0.3,
+    dropout_holes: Annotated[int, Field(ge=1, strict=True)] = 8,
+    dropout_size: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] = 32 / 224,
+    dropout_p: _P = 0.3,
 ) -> AlbumentationsPipeline:
     """Training augmentation with albumentations 2.x.
 
@@ -269,8 +277,6 @@ def make_albumentations(
     if crop_scale < 1.0:
         raise FerError(f"{SECTION}.crop_scale: must be >= 1 (the image is resized to crop_scale × "
                        f"the input size, then randomly cropped to it) (got {crop_scale!r})")
-    if not 0.0 < dropout_size <= 1.0:
-        raise FerError(f"{SECTION}.dropout_size: a fraction of the input size in (0, 1] (got {dropout_size!r})")
     if blur_limit < 3 or blur_limit % 2 == 0:
         raise FerError(f"{SECTION}.blur_limit: the largest blur kernel must be odd and >= 3 (got {blur_limit!r})")
     bm = _BORDERS[border]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import albumentations as A
 import numpy as np
 import torch
+from pydantic import Field
 
 from fer_core.api import hookimpl
 from fer_core.api import Preprocessing
@@ -23,7 +26,9 @@ class AlbumentationsAugmenter:
         self.compose.set_random_seed(seed)
 
 
-def make_basic(pre: Preprocessing, /, *, hflip: float = 0.5) -> AlbumentationsAugmenter:
+def make_basic(pre: Preprocessing, /, *,
+               hflip: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)] = 0.5,
+               ) -> AlbumentationsAugmenter:
     h, w = pre.input_size
     return AlbumentationsAugmenter(A.Compose([
         A.Resize(h, w),

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import timm
 import torch
+from torch import nn
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
-from fer_core.api import Backbone, Preprocessing
+from fer_core.api import Backbone, CamTarget, Preprocessing
 
 
 class TimmBackbone(Backbone):
@@ -28,6 +29,26 @@ class TimmBackbone(Backbone):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+    def cam_target(self) -> CamTarget | None:
+        m = self.model
+        if getattr(m, "output_fmt", "NCHW") == "NHWC":  # Swin-like: every stage emits B×H×W×C
+            info = getattr(m, "feature_info", None)
+            if not info:
+                return None
+            last = info[-1]["module"]  # the last stage
+            return CamTarget(m.get_submodule(last), f"model.{last}", "NHWC")
+        blocks = getattr(m, "blocks", None)
+        if hasattr(m, "patch_embed") and isinstance(blocks, nn.Sequential | nn.ModuleList) and len(blocks):
+            # ViT family: the input of the last block's attention, prefix (class/register/distillation)
+            # tokens first, then the patch grid the model was built for
+            last, name = blocks[-1], f"model.blocks.{len(blocks) - 1}"
+            if isinstance(getattr(last, "norm1", None), nn.Module):
+                last, name = last.norm1, f"{name}.norm1"
+            grid = getattr(m.patch_embed, "grid_size", None)
+            return CamTarget(last, name, "tokens", int(getattr(m, "num_prefix_tokens", 1)),
+                             (int(grid[0]), int(grid[1])) if grid is not None else None)
+        return None  # CNNs: the explainer finds the last spatial feature map itself
 
 
 def _create(name: str, pretrained: bool, in_chans: int, drop_path_rate: float, file: str | None, seed: int,

@@ -10,7 +10,7 @@ from torch import nn
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
-from fer_core.api import Backbone, Preprocessing
+from fer_core.api import Backbone, CamTarget, Preprocessing
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -26,6 +26,17 @@ class TorchvisionBackbone(Backbone):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def cam_target(self) -> CamTarget | None:
+        m = self.model
+        if isinstance(m, torchvision.models.VisionTransformer):
+            # the input of the last block's attention: the class token, then the patch grid
+            name, last = list(m.encoder.layers.named_children())[-1]
+            side = m.image_size // m.patch_size
+            return CamTarget(last.ln_1, f"model.encoder.layers.{name}.ln_1", "tokens", 1, (side, side))
+        if isinstance(m, torchvision.models.SwinTransformer):
+            return CamTarget(m.norm, "model.norm", "NHWC")  # features and norm are B×H×W×C; permute follows
+        return None  # CNNs: the explainer finds the last spatial feature map itself
 
 
 def _strip_classifier(model: nn.Module, name: str) -> int:

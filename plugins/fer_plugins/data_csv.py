@@ -20,6 +20,9 @@ import csv
 import os
 import re
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
@@ -53,7 +56,7 @@ def _au_value(cell: str) -> float | None:
 
 def make_csv_dataset(
     *,
-    root: str,
+    root: Annotated[str, Field(min_length=1)],  # "" would silently mean the current folder
     labels: str = "labels.csv",
     path_column: str = "path",
     label_column: str = "label",

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
@@ -36,7 +39,7 @@ def _visible(d: Path) -> list[Path]:
 
 def make_folder_dataset(
     *,
-    root: str,
+    root: Annotated[str, Field(min_length=1)],  # "" would silently mean the current folder
     extensions: list[str] = (".jpg", ".jpeg", ".png", ".bmp", ".webp"),  # type: ignore[assignment]
 ) -> DataSource:
     root_dir = Path(os.path.abspath(Path(root).expanduser()))

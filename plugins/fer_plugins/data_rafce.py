@@ -37,6 +37,9 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
@@ -139,14 +142,14 @@ def parse_au_tokens(au_text: str, where: str, stats: AuStats) -> set[int]:
 
 def make_rafce_dataset(
     *,
-    root: str,
+    root: Annotated[str, Field(min_length=1)],
     emolabel: str = "RAFCE_emolabel.txt",
     partition: str = "RAFCE_partition.txt",
     aulabel: str = "RAFCE_AUlabel.txt",
     images: str = "aligned",
     image_pattern: str = "{stem}_aligned.jpg",
     partition_names: dict[str, str] = {"0": "train", "1": "test", "2": "val"},  # noqa: B006 (never mutated)
-    use_au: bool = True,
+    use_au: Annotated[bool, Field(strict=True)] = True,
 ) -> DataSource:
     root_dir = _abs(root)
     if not root_dir.is_dir():

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
@@ -48,15 +50,13 @@ def register_datasets(register):
 
 def make_rafdb_dataset(
     *,
-    root: str,
+    root: Annotated[str, Field(min_length=1)],
     subset: Literal["basic", "compound"] = "basic",
-    aligned: bool = True,
+    aligned: Annotated[bool, Field(strict=True)] = True,
 ) -> DataSource:
     root_dir = Path(os.path.abspath(Path(root).expanduser()))
     if not root_dir.is_dir():
         raise FerError(f"data root not found (or not a folder): {root_dir}")
-    if subset not in ("basic", "compound"):
-        raise FerError(f"rafdb dataset: subset must be 'basic' or 'compound', got {subset!r}")
     classes = BASIC if subset == "basic" else COMPOUND
     label_file = root_dir / "EmoLabel" / LABEL_FILE
     if not label_file.is_file() and (root_dir / "EmoLabel" / LABEL_FILE_CORRECTED).is_file():

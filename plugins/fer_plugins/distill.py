@@ -2,8 +2,8 @@
 teaches a student.
 
 - batch transform `teacher`: adds ``batch["teacher_logits"]`` (B×C, in the *student's* class
-  order, matched by name) computed by a teacher loaded from a run or ensemble directory, either
-  on the fly on the batch's images or once per training image on its clean eval view (cache);
+  order, matched by name) computed by a teacher loaded with ``load_predictor`` (a run or an
+  ensemble directory, or any artifact a plugin reads), either on the fly on the batch's images or once per training image on its clean eval view (cache);
 - loss `distill`: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·hard loss, the hard loss being
   any registered loss table (cross-entropy by default).
 
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Annotated, Any, Callable, Protocol, Sequence
+
+from pydantic import Field
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,8 @@ from torch import nn
 from fer_core.api import FerError
 from fer_core.api import hookimpl
 from fer_core.api import Batch, Outputs, Preprocessing, Sample, ScheduleInfo, TaskInfo
+from fer_core.api import DeclaresTasks, ReweightsClasses, supports, traits
+from fer_core.api import Predictor, eval_loader, load_predictor, resolve_device
 
 #: images per teacher forward when the cache is filled
 CACHE_BATCH_SIZE = 256
@@ -48,108 +52,65 @@ class Teacher(Protocol):
     def to(self, device: torch.device) -> None: ...
 
 
-def _precision_for(precision_name: str, device: torch.device):
-    """The teacher recipe's precision on ``device``; fp32 where it cannot run there (fp16 on CPU)."""
-    from fer_core.hardware import Precision, resolve_precision
-
+def _load(path: Path, device: torch.device) -> Predictor:
     try:
-        return resolve_precision(precision_name, device)
-    except FerError:
-        return Precision("fp32", None, False, f"teacher precision '{precision_name}' unavailable on {device.type}")
+        return load_predictor(path, device=str(device))
+    except FerError as e:  # e.g. an fp16 teacher asked to run on the CPU: run it in fp32 there
+        if "train.precision" not in str(e):
+            raise
+        return load_predictor(path, ["train.precision=fp32"], device=str(device))
 
 
-def _move_run(run: Any, device: torch.device) -> None:
-    if run.device != device:
-        run.model.to(device)
-        run.device = device
-        run.precision = _precision_for(run.recipe.train.precision, device)
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    def norm(d: torch.device) -> tuple[str, int | None]:
+        if d.type == "cpu":
+            return ("cpu", None)
+        if d.index is None:
+            return (d.type, torch.cuda.current_device() if d.type == "cuda" else 0)
+        return (d.type, d.index)
+
+    return norm(torch.device(a)) == norm(torch.device(b))
 
 
-class RunTeacher:
-    """A finished fer run (``best.pt`` + ``recipe.toml``): its raw emotion logits (the run's
-    calibration temperature is not applied; the distillation temperature does that job)."""
+class PredictorTeacher:
+    """Whatever ``load_predictor`` opens — a run directory, an ensemble directory (`fer
+    ensemble`), any artifact an ``artifact`` plugin reads — as a teacher: its calibrated emotion
+    logits (``Predictor.logits``: a run's logits with its fitted calibrator applied; an
+    ensemble's log combined probabilities). Its clean view is the predictor's preprocessing (an
+    ensemble's: its first member's; every member adapts the images to its own)."""
 
-    def __init__(self, run: Any) -> None:
-        self.run = run
-        self.classes = list(run.classes)
-        self.preprocessing = run.preprocessing
-
-    @classmethod
-    def load(cls, path: Path, device: torch.device) -> "RunTeacher":
-        from fer_core.inference import load_run
-
-        try:
-            return cls(load_run(path, device=str(device)))
-        except FerError as e:  # e.g. an fp16 teacher asked to run on the CPU: run it in fp32 there
-            if "train.precision" not in str(e):
-                raise
-            return cls(load_run(path, ["train.precision=fp32"], device=str(device)))
-
-    def to(self, device: torch.device) -> None:
-        _move_run(self.run, device)
-
-    def logits(self, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-        from fer_core.inference import run_logits
-
-        return run_logits(self.run, images, pre)
-
-
-class EnsembleTeacher:
-    """An ensemble artifact (``fer ensemble``): the log of its combined probabilities. Its clean
-    view is that of its first member (every member adapts the images to its own preprocessing)."""
-
-    def __init__(self, ensemble: Any) -> None:
-        self.ensemble = ensemble
-        self.classes = list(ensemble.classes)
-        self.preprocessing = ensemble.runs[0].preprocessing
+    def __init__(self, predictor: Predictor, path: Path) -> None:
+        self.predictor = predictor
+        self.path = Path(path)
+        self.classes = list(predictor.classes)
+        self.preprocessing = predictor.preprocessing
 
     @classmethod
-    def load(cls, path: Path, device: torch.device) -> "EnsembleTeacher":
-        from fer_core.ensemble import Ensemble
-
-        teacher = cls(Ensemble(path))
-        teacher.to(device)
-        return teacher
+    def load(cls, path: Path, device: torch.device) -> "PredictorTeacher":
+        return cls(_load(Path(path), device), Path(path))
 
     def to(self, device: torch.device) -> None:
-        for run in self.ensemble.runs:
-            _move_run(run, device)
+        """A Predictor is placed when it is loaded: on another device the teacher is loaded again
+        there (its precision then resolved for that device)."""
+        if not _same_device(self.predictor.device, device):
+            self.predictor = _load(self.path, device)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-        return self.ensemble.logits(images, pre)
-
-
-def _is_ensemble(path: Path) -> bool:
-    from fer_core.ensemble import is_ensemble
-
-    return is_ensemble(path)
-
-
-def _is_run(path: Path) -> bool:
-    return (path / "recipe.toml").is_file() and (path / "best.pt").is_file()
-
-
-#: the kinds of directories a teacher can be loaded from: (description, test, loader); a new
-#: kind of teacher is one more row
-TEACHER_KINDS: list[tuple[str, Callable[[Path], bool], Callable[[Path, torch.device], Teacher]]] = [
-    ("an ensemble directory (ensemble.json)", _is_ensemble, EnsembleTeacher.load),
-    ("a run directory (recipe.toml + best.pt)", _is_run, RunTeacher.load),
-]
+        return self.predictor.logits(images, pre)
 
 
 def load_teacher(path: Path | str, device: torch.device | str = "cpu", where: str = "batch_transforms.run") -> Teacher:
-    """The teacher stored in directory ``path``, on ``device``."""
+    """The teacher stored at ``path`` (a run or ensemble directory, or any artifact a plugin
+    reads), on ``device``."""
     path = Path(path)
     if isinstance(device, str):
-        from fer_core.hardware import resolve_device
-
         device = resolve_device(device)
-    for _, test, loader in TEACHER_KINDS:
-        if path.is_dir() and test(path):
-            return loader(path, device)
-    kinds = " or ".join(desc for desc, _, _ in TEACHER_KINDS)
-    raise FerError(f"{where}: '{path}' is not a teacher: expected {kinds}")
+    try:
+        return PredictorTeacher.load(path, device)
+    except FerError as e:
+        raise FerError(f"{where}: '{path}' cannot be loaded as a teacher (a run or ensemble directory, or an "
+                       f"artifact a plugin reads): {e}") from None
 
 
 def class_order(teacher_classes: Sequence[str], student_classes: Sequence[str], where: str) -> list[int]:
@@ -202,8 +163,6 @@ class TeacherTransform:
     def _place(self, batch_device: torch.device) -> None:
         """Move the teacher once: to the batch's device ("auto") or the requested one."""
         if self._placed is None:
-            from fer_core.hardware import resolve_device
-
             self._placed = batch_device if self.device == "auto" else resolve_device(self.device)
             self.teacher.to(self._placed)
 
@@ -218,8 +177,6 @@ class TeacherTransform:
     def _fill(self, device: torch.device) -> None:
         """Teacher logits of every training image's clean eval view (the teacher's own
         preprocessing, no augmentation), once, keyed by the index in the training set."""
-        from fer_core.build import eval_loader
-
         if self.train_samples is None:
             raise FerError(f"{self.where}: cache = true needs the training samples, and the engine did not hand "
                            "them over (set_train_samples was never called); use cache = false, or a fer whose "
@@ -269,8 +226,6 @@ def make_teacher(task: TaskInfo, info: ScheduleInfo, /, *, run: str, cache: bool
     logits once per training image on its clean view instead of on every batch's images;
     `device`: where the teacher runs ("auto" = the student's device)."""
     if device != "auto":
-        from fer_core.hardware import resolve_device
-
         try:
             resolve_device(device)
         except FerError as e:
@@ -291,8 +246,8 @@ class DistillLoss(nn.Module):
         self.hard = hard  # an nn.Module hard loss is registered: its parameters train and checkpoint
         self.temperature = temperature
         self.alpha = alpha
-        self.task_sizes: dict[str, int] = dict(getattr(hard, "task_sizes", {}) or {})
-        self.reweights_classes = bool(getattr(hard, "reweights_classes", False))
+        self.task_sizes: dict[str, int] = dict(hard.task_sizes) if supports(hard, DeclaresTasks) else {}
+        self.reweights_classes = supports(hard, ReweightsClasses)
 
     def kd(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         """T²·KL(softmax(t/T) ‖ softmax(s/T)), mean over the batch."""
@@ -318,46 +273,15 @@ class DistillLoss(nn.Module):
         return total, {"kd": kd.detach(), "hard": hard.detach(), "emotion": total.detach()}
 
 
-def _check(temperature: float, alpha: float, where: str) -> None:
-    if not math.isfinite(temperature) or temperature <= 0:
-        raise FerError(f"{where}.temperature: must be a finite number > 0 (got {temperature})")
-    if not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
-        raise FerError(f"{where}.alpha: must be in [0, 1] (got {alpha})")
-
-
-def _check_hard(hard: Any, where: str) -> None:
-    if not isinstance(hard, dict) or "plugin" not in hard:
-        raise FerError(f"{where}.hard: expected a loss table with a 'plugin' key, e.g. {{ plugin = \"cross_entropy\" }}")
-    if hard["plugin"] == "distill":
-        raise FerError(f"{where}.hard: distill losses do not nest")
-
-
-def make_distill(task: TaskInfo, /, *, temperature: float = 4.0, alpha: float = 0.7,
+@traits(nested={"hard": "loss"}, accepts_soft_labels="hard")
+def make_distill(task: TaskInfo, /, *,
+                 temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 4.0,
+                 alpha: Annotated[float, Field(ge=0, le=1)] = 0.7,
                  hard: dict[str, Any] = {"plugin": "cross_entropy"}) -> DistillLoss:  # noqa: B006
     """`temperature` T > 0 softens both distributions; `alpha` in [0, 1] weighs the KD term
-    against the `hard` loss (any loss table, default cross-entropy)."""
-    from fer_core.registry import get_registry
-
-    _check(temperature, alpha, "loss")
-    _check_hard(hard, "loss")
-    child = get_registry().build("loss", dict(hard), "loss.hard", task)
-    return DistillLoss(child, float(temperature), float(alpha))
-
-
-def _validate_distill(values: dict[str, Any], where: str) -> None:
-    """At `fer recipe check` time: the numbers, and the hard loss table against its plugin (its
-    defaults are filled in, so the saved recipe states them)."""
-    from fer_core.registry import get_registry
-
-    _check(values["temperature"], values["alpha"], where)
-    hard = values["hard"]
-    _check_hard(hard, where)
-    child = {k: v for k, v in hard.items() if k != "plugin"}
-    checked = get_registry().get("loss", hard["plugin"], f"{where}.hard").validate(child, f"{where}.hard")
-    values["hard"] = {"plugin": hard["plugin"], **checked}
-
-
-make_distill.validate_nested = _validate_distill
+    against the `hard` loss (any loss table, default cross-entropy; validated and built by the
+    recipe's registry, so this factory receives the built loss)."""
+    return DistillLoss(hard, float(temperature), float(alpha))
 
 
 @hookimpl

@@ -36,7 +36,7 @@ class WeightedAverage:
             self.weights = [1.0 / n] * n
         elif self.mode == "given":
             if len(self.weights or []) != n:
-                raise FerError(f"ensemble.combiner.weights: {len(self.weights or [])} weights for {n} members")
+                raise FerError(f"combiner.weights: {len(self.weights or [])} weights for {n} members (one per member)")
             total = sum(self.weights)
             self.weights = [w / total for w in self.weights]
         else:  # fit: minimise validation NLL over softmax-parametrised weights
@@ -112,8 +112,8 @@ class Stacking:
 def make_average(*, space: Literal["probs", "logits"] = "probs",
                  weights: Literal["equal", "fit"] | list[float] = "fit") -> WeightedAverage:
     """`weights`: "fit" (minimise NLL on the fit split), "equal", or one weight per member."""
-    if isinstance(weights, list) and any(w < 0 for w in weights):
-        raise FerError("ensemble.combiner.weights: weights must be ≥ 0")
+    if isinstance(weights, list) and (any(w < 0 for w in weights) or not sum(weights) > 0):
+        raise FerError(f"combiner.weights: weights must be ≥ 0 and not all 0 (got {weights})")
     return WeightedAverage(space, weights)
 
 

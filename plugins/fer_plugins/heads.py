@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
+from pydantic import Field
 from torch import nn
 
 from fer_core.api import hookimpl
 
 
-def make_linear_head(in_features: int, num_outputs: int, /, *, dropout: float = 0.0) -> nn.Module:
+#: a dropout probability: in [0, 1) (1 would zero every feature)
+DropoutP = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False, strict=True)]
+
+
+def make_linear_head(in_features: int, num_outputs: int, /, *, dropout: DropoutP = 0.0) -> nn.Module:
     layers: list[nn.Module] = [nn.Dropout(dropout)] if dropout > 0 else []
     return nn.Sequential(*layers, nn.Linear(in_features, num_outputs))
 
 
 def make_mlp_head(
-    in_features: int, num_outputs: int, /, *, hidden: int = 512, dropout: float = 0.3,
+    in_features: int, num_outputs: int, /, *, hidden: Annotated[int, Field(ge=1, strict=True)] = 512,
+    dropout: DropoutP = 0.3,
     activation: Literal["relu", "gelu"] = "relu",
 ) -> nn.Module:
     act = nn.ReLU() if activation == "relu" else nn.GELU()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from fer_core.api import FerError
-from fer_core.api import hookimpl
+from fer_core.api import hookimpl, traits
 from fer_core.api import Batch, Outputs, TaskInfo
 
 
@@ -30,7 +31,11 @@ class CrossEntropy:
         return loss, {"emotion": loss.detach()}
 
 
-def make_cross_entropy(task: TaskInfo, /, *, class_weights: list[float] | Literal["none", "inverse"] = "none") -> CrossEntropy:
+@traits(accepts_soft_labels=True)
+def make_cross_entropy(
+    task: TaskInfo, /, *,
+    class_weights: list[Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]] | Literal["none", "inverse"] = "none",
+) -> CrossEntropy:
     """`class_weights`: "none", "inverse" (inverse training frequency, mean 1) or one weight per class."""
     if class_weights == "none":
         return CrossEntropy(None)
@@ -40,6 +45,8 @@ def make_cross_entropy(task: TaskInfo, /, *, class_weights: list[float] | Litera
         return CrossEntropy(w / w.mean())
     if len(class_weights) != len(task.classes):
         raise FerError(f"loss.class_weights: {len(class_weights)} weights given for {len(task.classes)} classes")
+    if not any(w > 0 for w in class_weights):
+        raise FerError("loss.class_weights: every weight is 0; at least one class must weigh > 0")
     return CrossEntropy(torch.tensor(class_weights, dtype=torch.float32))
 
 

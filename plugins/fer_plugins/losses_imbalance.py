@@ -10,14 +10,15 @@ Every loss reads ``outputs["emotion"]`` (cast to float32: autocast may hand bf16
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from fer_core.api import FerError
-from fer_core.api import hookimpl
+from fer_core.api import hookimpl, traits
 from fer_core.api import Batch, Outputs, TaskInfo
 
 #: lower bound of (1 - p) in the focal modulating factor: keeps the gradient of (1-p)^gamma
@@ -181,9 +182,17 @@ class WeightedCE(_Loss):
 
 # --------------------------------------------------------------------------- factories
 
+# Recipe values are checked against these types before anything is built (the registry builds a
+# pydantic model from each factory's signature); the factories' own checks remain for direct calls.
+_NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+_Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+#: in [0, 1): label smoothing, the effective-number beta
+_Fraction = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False, strict=True)]
 
-def make_focal(task: TaskInfo, /, *, gamma: float = 2.0,
-               alpha: list[float] | Literal["auto", "none"] = "none") -> FocalLoss:
+
+@traits(accepts_soft_labels=True)
+def make_focal(task: TaskInfo, /, *, gamma: _NonNegative = 2.0,
+               alpha: list[_NonNegative] | Literal["auto", "none"] = "none") -> FocalLoss:
     """Focal loss. `gamma` >= 0 down-weights easy examples; `alpha`: "none", "auto" (inverse
     training frequency, mean 1) or one weight per class."""
     if not math.isfinite(gamma) or gamma < 0:
@@ -195,16 +204,18 @@ def make_focal(task: TaskInfo, /, *, gamma: float = 2.0,
     return FocalLoss(gamma, _check_weights(list(alpha), task, "alpha", allow_zero=True))
 
 
-def make_label_smoothing(task: TaskInfo, /, *, smoothing: float = 0.1) -> LabelSmoothingCE:
+@traits(accepts_soft_labels=True)
+def make_label_smoothing(task: TaskInfo, /, *, smoothing: _Fraction = 0.1) -> LabelSmoothingCE:
     """Label-smoothed cross-entropy; `smoothing` in [0, 1)."""
     if not 0.0 <= smoothing < 1.0:
         raise FerError(f"loss.smoothing: must be in [0, 1) (got {smoothing})")
     return LabelSmoothingCE(smoothing)
 
 
+@traits(accepts_soft_labels=True)
 def make_weighted_cross_entropy(task: TaskInfo, /, *,
-                                weights: list[float] | Literal["inverse", "effective"] = "inverse",
-                                beta: float = 0.999) -> WeightedCE:
+                                weights: list[_Positive] | Literal["inverse", "effective"] = "inverse",
+                                beta: _Fraction = 0.999) -> WeightedCE:
     """Class-weighted cross-entropy. `weights`: "inverse" (1/n_c), "effective" (Cui et al. 2019,
     with `beta`) — both normalised to mean 1 — or one positive weight per class."""
     if not 0.0 <= beta < 1.0:

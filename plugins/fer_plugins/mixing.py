@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from fer_core.api import FerError
-from fer_core.api import hookimpl
+from fer_core.api import hookimpl, traits
 from fer_core.api import Batch, ScheduleInfo, TaskInfo
 
 _U64 = 2**64
@@ -155,8 +157,18 @@ def _make(task: TaskInfo, info: ScheduleInfo, *, mixup_alpha: float, cutmix_alph
                switch_prob=switch_prob, off_last_epochs=off_last_epochs, seed=seed)
 
 
-def make_mix(task: TaskInfo, info: ScheduleInfo, /, *, mixup_alpha: float = 0.2, cutmix_alpha: float = 1.0,
-             prob: float = 1.0, switch_prob: float = 0.5, off_last_epochs: int = 0, seed: int = 0) -> Mix:
+# Recipe values are checked against these types before anything is built; `_make`'s checks
+# remain for direct calls.
+#: a Beta(alpha, alpha) parameter; 0 turns that method off
+_Alpha = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+_Prob = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)]
+_Epochs = Annotated[int, Field(ge=0, strict=True)]
+_Seed = Annotated[int, Field(strict=True)]
+
+
+@traits(produces_soft_labels=True)
+def make_mix(task: TaskInfo, info: ScheduleInfo, /, *, mixup_alpha: _Alpha = 0.2, cutmix_alpha: _Alpha = 1.0,
+             prob: _Prob = 1.0, switch_prob: _Prob = 0.5, off_last_epochs: _Epochs = 0, seed: _Seed = 0) -> Mix:
     """Mixup or CutMix per batch. An alpha of 0 disables that method; with both > 0 a batch uses
     CutMix with probability `switch_prob`. `prob`: probability a batch is mixed at all;
     `off_last_epochs`: no mixing in the last N epochs; `seed`: base of the per-batch seeds."""
@@ -165,15 +177,17 @@ def make_mix(task: TaskInfo, info: ScheduleInfo, /, *, mixup_alpha: float = 0.2,
                  names={"mixup_alpha": "mixup_alpha", "cutmix_alpha": "cutmix_alpha"})
 
 
-def make_mixup(task: TaskInfo, info: ScheduleInfo, /, *, alpha: float = 0.2, prob: float = 1.0,
-               off_last_epochs: int = 0, seed: int = 0) -> Mix:
+@traits(produces_soft_labels=True)
+def make_mixup(task: TaskInfo, info: ScheduleInfo, /, *, alpha: _Alpha = 0.2, prob: _Prob = 1.0,
+               off_last_epochs: _Epochs = 0, seed: _Seed = 0) -> Mix:
     """Mixup only: lam ~ Beta(alpha, alpha)."""
     return _make(task, info, mixup_alpha=alpha, cutmix_alpha=0.0, prob=prob, switch_prob=0.0,
                  off_last_epochs=off_last_epochs, seed=seed, names={"mixup_alpha": "alpha", "cutmix_alpha": "alpha"})
 
 
-def make_cutmix(task: TaskInfo, info: ScheduleInfo, /, *, alpha: float = 1.0, prob: float = 1.0,
-                off_last_epochs: int = 0, seed: int = 0) -> Mix:
+@traits(produces_soft_labels=True)
+def make_cutmix(task: TaskInfo, info: ScheduleInfo, /, *, alpha: _Alpha = 1.0, prob: _Prob = 1.0,
+                off_last_epochs: _Epochs = 0, seed: _Seed = 0) -> Mix:
     """CutMix only: lam ~ Beta(alpha, alpha), then corrected to the area kept."""
     return _make(task, info, mixup_alpha=0.0, cutmix_alpha=alpha, prob=prob, switch_prob=1.0,
                  off_last_epochs=off_last_epochs, seed=seed, names={"mixup_alpha": "alpha", "cutmix_alpha": "alpha"})

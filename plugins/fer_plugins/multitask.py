@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fer_core.api import FerError
-from fer_core.api import hookimpl
+from fer_core.api import DeclaresTasks, ReweightsClasses, hookimpl, supports, traits
 from fer_core.api import Batch, Outputs, TaskInfo
 
 # ------------------------------------------------------------------ AU loss
@@ -104,6 +104,7 @@ class ComponentsLoss(nn.Module):
         return loss, {"components": loss.detach()}
 
 
+@traits(accepts_soft_labels=True)
 def make_compound_components(task: TaskInfo, /) -> ComponentsLoss:
     return ComponentsLoss(*compound_components(task.classes))
 
@@ -122,8 +123,9 @@ class MultiTaskLoss(nn.Module):
         self.log_vars = nn.Parameter(torch.zeros(len(children))) if weighting == "uncertainty" else None
         self.task_sizes: dict[str, int] = {}
         for child in children.values():
-            self.task_sizes.update(getattr(child, "task_sizes", {}) or {})
-        self.reweights_classes = any(getattr(c, "reweights_classes", False) for c in children.values())
+            if supports(child, DeclaresTasks):
+                self.task_sizes.update(child.task_sizes)
+        self.reweights_classes = any(supports(c, ReweightsClasses) for c in children.values())
 
     def forward(self, outputs: Outputs, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         total = torch.zeros((), device=next(iter(outputs.values())).device)
@@ -140,6 +142,7 @@ class MultiTaskLoss(nn.Module):
         return total, parts
 
 
+@traits(nested={"losses": "loss"}, many={"losses"}, accepts_soft_labels="losses.emotion")
 def make_multitask(
     task: TaskInfo, /, *,
     losses: dict[str, dict[str, Any]] = {"emotion": {"plugin": "cross_entropy"}, "au": {"plugin": "au_bce"}},  # noqa: B006
@@ -147,38 +150,15 @@ def make_multitask(
     weighting: Literal["fixed", "uncertainty"] = "fixed",
 ) -> MultiTaskLoss:
     """`losses`: task name → a loss table (`plugin` + its keys); `weights`: task → weight for
-    "fixed" weighting (missing tasks weigh 1.0); "uncertainty" learns the weights."""
-    from fer_core.registry import get_registry  # the registry is the core's public way to build plugins
-
-    reg = get_registry()
-    children: dict[str, Any] = {}
-    for name, spec in losses.items():
-        if not isinstance(spec, dict) or "plugin" not in spec:
-            raise FerError(f"loss.losses.{name}: expected a table with a 'plugin' key")
-        if spec["plugin"] == "multitask":
-            raise FerError(f"loss.losses.{name}: multitask losses do not nest")
-        children[name] = reg.build("loss", spec, f"loss.losses.{name}", task)
-    unknown = sorted(set(weights) - set(children))
+    "fixed" weighting (missing tasks weigh 1.0); "uncertainty" learns the weights. The child
+    tables are validated and built by the recipe's registry (declared `nested`): this factory
+    receives the built losses."""
+    unknown = sorted(set(weights) - set(losses))
     if unknown:
-        raise FerError(f"loss.weights: {unknown} are not among loss.losses ({', '.join(children)})")
+        raise FerError(f"loss.weights: {unknown} are not among loss.losses ({', '.join(losses)})")
     if weighting == "uncertainty" and weights:
         raise FerError("loss.weights: fixed weights cannot be combined with weighting = \"uncertainty\"")
-    return MultiTaskLoss(children, {n: float(weights.get(n, 1.0)) for n in children}, weighting)
-
-
-def _validate_children(values: dict[str, Any], where: str) -> None:
-    """Check each child loss table at `fer recipe check` time, not only when training starts."""
-    from fer_core.registry import get_registry
-
-    reg = get_registry()
-    for name, spec in values["losses"].items():
-        if not isinstance(spec, dict) or "plugin" not in spec:
-            raise FerError(f"{where}.losses.{name}: expected a table with a 'plugin' key")
-        child = {k: v for k, v in spec.items() if k != "plugin"}
-        reg.get("loss", spec["plugin"], f"{where}.losses.{name}").validate(child, f"{where}.losses.{name}")
-
-
-make_multitask.validate_nested = _validate_children
+    return MultiTaskLoss(dict(losses), {n: float(weights.get(n, 1.0)) for n in losses}, weighting)
 
 
 @hookimpl

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch.utils.data import WeightedRandomSampler
 
 from fer_core.api import FerError
@@ -39,7 +41,9 @@ class OverSampler:
                                      generator=torch.Generator().manual_seed(int(seed)))
 
 
-def make_oversample(labels: list[int], task: TaskInfo, /, *, power: float = 1.0, num_samples: int = 0) -> OverSampler:
+def make_oversample(labels: list[int], task: TaskInfo, /, *,
+                    power: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 1.0,
+                    num_samples: Annotated[int, Field(ge=0, strict=True)] = 0) -> OverSampler:
     """Sample weight n_class^-power: 1 = classes balanced in expectation, 0 = uniform, in between
     a partial correction. `num_samples`: draws per epoch (0 = the training set's size)."""
     if not labels:

@@ -3,21 +3,37 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
+from pydantic import Field
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
 from fer_core.api import ScheduleInfo
 
 
-def make_cosine(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *, min_lr: float = 0.0):
+#: a learning rate the schedule ends at: finite and >= 0 (a negative one trains by gradient ascent)
+MinLR = Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)]
+
+
+def _check_min_lr(optimizer: torch.optim.Optimizer, min_lr: float) -> None:
+    for group in optimizer.param_groups:
+        base = group.get("initial_lr", group["lr"])
+        if min_lr > base:
+            raise FerError(f"schedule.min_lr: {min_lr} is above the optimizer's lr {base}")
+
+
+def make_cosine(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *, min_lr: MinLR = 0.0):
+    _check_min_lr(optimizer, min_lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(info.epochs * info.steps_per_epoch, 1), eta_min=min_lr)
     sched.interval = "step"
     return sched
 
 
-def make_step(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *, step_size: int = 10, gamma: float = 0.1):
+def make_step(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *,
+              step_size: Annotated[int, Field(ge=1, strict=True)] = 10,
+              gamma: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 0.1):
     """Multiply the lr by `gamma` every `step_size` epochs."""
     sched = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
     sched.interval = "epoch"
@@ -53,24 +69,24 @@ class _Factor:
 
 
 def make_warmup_cosine(
-    optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *, warmup_epochs: float = 1.0, warmup_steps: int = 0,
-    min_lr: float = 0.0, warmup_start_factor: float = 0.0,
+    optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *,
+    warmup_epochs: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 1.0,
+    warmup_steps: Annotated[int, Field(ge=0, strict=True)] = 0,
+    min_lr: MinLR = 0.0,
+    warmup_start_factor: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)] = 0.0,
 ):
     """Linear warmup then cosine to `min_lr`, stepped per optimizer step (so gradient
     accumulation is accounted for: a step is an optimizer step, not a batch).
 
     `warmup_steps` > 0 wins over `warmup_epochs`; warmup is capped one step short of the run.
     """
-    if min_lr < 0 or not 0 <= warmup_start_factor <= 1 or warmup_epochs < 0 or warmup_steps < 0:
-        raise FerError("schedule: min_lr ≥ 0, 0 ≤ warmup_start_factor ≤ 1, warmup_epochs/steps ≥ 0 expected")
+    _check_min_lr(optimizer, min_lr)
     total = max(info.epochs * info.steps_per_epoch, 1)
     # at least one step is left to anneal, so that the run always ends at min_lr
     warmup = min(warmup_steps or round(warmup_epochs * info.steps_per_epoch), max(total - 1, 0))
     factors = []
     for group in optimizer.param_groups:
         base = group.get("initial_lr", group["lr"])
-        if min_lr > base:
-            raise FerError(f"schedule.min_lr: {min_lr} is above the optimizer's lr {base}")
         factors.append(_Factor(warmup, total, warmup_start_factor, min_lr / base if base else 0.0))
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     sched.interval = "step"

@@ -6,12 +6,16 @@ marked FAILED; a resumed fer run continues the same MLflow run.
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import subprocess
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fer_core.api import hookimpl
+from fer_core.api import FerError, RunDir, hookimpl
 from fer_core.api import Callback, RunInfo
 
 
@@ -49,6 +53,12 @@ class MlflowTracker(Callback):
         return MlflowClient(tracking_uri=self.uri)
 
     def on_fit_start(self, run: RunInfo) -> None:
+        with _store_errors(self.uri), _sqlite_creation_lock(self.uri):
+            check_reachable(self.uri)
+            self._start(run)
+        run.files["mlflow"] = f"{self.uri} (experiment '{self.experiment}', run {self.run_id})"
+
+    def _start(self, run: RunInfo) -> None:
         self.client = self._client()
         self.run_id = run.state.get("mlflow_run_id")
         if self.run_id:  # resumed fer run: continue its MLflow run
@@ -77,7 +87,7 @@ class MlflowTracker(Callback):
         params = [Param(k, v) for k, v in flatten(run.recipe).items()]
         for i in range(0, len(params), 90):
             self.client.log_batch(self.run_id, params=params[i:i + 90])
-        recipe_file = run.out_dir / "recipe.toml"
+        recipe_file = run.out_dir / RunDir.RECIPE
         if recipe_file.is_file():
             self.client.log_artifact(self.run_id, str(recipe_file))
 
@@ -85,24 +95,35 @@ class MlflowTracker(Callback):
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()
-                                                    if k != "epoch"])
+        with _store_errors(self.uri):
+            self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), ts, epoch) for k, v in metrics.items()
+                                                        if k != "epoch"])
 
     def on_fit_end(self, run: RunInfo, final: dict[str, Any]) -> None:
+        with _store_errors(self.uri):
+            self._finish(run, final)
+
+    def _finish(self, run: RunInfo, final: dict[str, Any]) -> None:
         from mlflow.entities import Metric
 
         ts = int(time.time() * 1000)
         scalars = [Metric(f"final_{k}", float(v), ts, 0) for k, v in final.items() if isinstance(v, float)]
         self.client.log_batch(self.run_id, metrics=scalars)
-        for name in ("metrics.json", "history.json", "confusion_matrix.png", "run.json"):
-            f = run.out_dir / name
-            if f.is_file():
+        for f in [run.files.get(n) for n in ("metrics", "history", "confusion_matrix", "log")] + [run.out_dir / RunDir.STATUS]:
+            if f is not None and Path(f).is_file():
                 self.client.log_artifact(self.run_id, str(f))
-        if self.log_model and (run.out_dir / "best.pt").is_file():
-            self.client.log_artifact(self.run_id, str(run.out_dir / "best.pt"), artifact_path="model")
+        best = run.files.get("best")
+        if self.log_model and best is not None and Path(best).is_file():
+            self.client.log_artifact(self.run_id, str(best), artifact_path="model")
         self.client.set_terminated(self.run_id, status="FINISHED")
 
     def on_exception(self, run: RunInfo, error: BaseException) -> None:
+        try:
+            self._fail(error)
+        except Exception:  # noqa: BLE001 - the store itself failing must not hide the first error
+            pass
+
+    def _fail(self, error: BaseException) -> None:
         if self.client is not None and self.run_id:
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             self.client.set_tag(self.run_id, "fer.error", f"{type(error).__name__}: {error}"[:5000])
@@ -113,6 +134,54 @@ def make_mlflow(*, uri: str = "sqlite:///mlflow.db", experiment: str = "fer", ru
                 log_model: bool = True) -> MlflowTracker:
     """`uri`: any MLflow tracking URI (sqlite:///path.db, http://server:5000, ...)."""
     return MlflowTracker(uri, experiment, run_name, log_model)
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """An MLflow server that cannot be reached fails in seconds, not after minutes of retries."""
+    from urllib.parse import urlparse
+
+    u = urlparse(uri)
+    if u.scheme not in ("http", "https"):
+        return
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    try:
+        socket.create_connection((u.hostname or "localhost", u.port or (443 if u.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+    except OSError as e:
+        raise FerError(f"tracking.uri {uri}: MLflow server not reachable ({e.strerror or e}); start it, or run "
+                       "without tracking: -o tracking.enabled=false") from None
+
+
+@contextmanager
+def _store_errors(uri: str):
+    """Store failures (corrupt or unwritable sqlite file, server errors) as one line."""
+    try:
+        yield
+    except FerError:
+        raise
+    except Exception as e:  # noqa: BLE001 - MLflow raises MlflowException, sqlalchemy and OS errors
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise FerError(f"tracking.uri {uri}: the MLflow store failed ({type(e).__name__}: {first}); fix or "
+                       "move it, or run without tracking: -o tracking.enabled=false") from None
+
+
+@contextmanager
+def _sqlite_creation_lock(uri: str):
+    """Two processes creating one new sqlite store at once crash in its schema migration:
+    creation (and the first access) is serialised by a lock file beside the database."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.parent.is_dir():
+        raise FerError(f"tracking.uri {uri}: directory {db.parent} does not exist")
+    with open(f"{db}.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @hookimpl

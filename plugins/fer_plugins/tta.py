@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BeforeValidator, Field
 
 from fer_core.api import FerError
 from fer_core.api import hookimpl
@@ -49,18 +50,25 @@ class StandardTTA:
         return base
 
 
+def _not_bool(v: object) -> object:
+    """Literal[0, 1, 5] alone takes true as 1 (True == 1): a count must be written as a number."""
+    if isinstance(v, bool):
+        raise ValueError("expected 0, 1 or 5, not a boolean")
+    return v
+
+
 def make_standard_tta(
-    pre: Preprocessing, /, *, identity: bool = True, hflip: bool = True, crops: Literal[0, 1, 5] = 0,
-    crop_fraction: float = 0.9, scales: list[float] = [],  # noqa: B006
+    pre: Preprocessing, /, *,
+    identity: Annotated[bool, Field(strict=True)] = True,
+    hflip: Annotated[bool, Field(strict=True)] = True,
+    crops: Annotated[Literal[0, 1, 5], BeforeValidator(_not_bool)] = 0,
+    crop_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] = 0.9,
+    scales: list[Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]] = [],  # noqa: B006
     combine: Literal["probs", "logits"] = "probs",
 ) -> StandardTTA:
     """Views: the image itself, `crops` crops (1 = centre, 5 = centre + corners) of
     `crop_fraction` of the side resized back, zooms by each of `scales`; with `hflip` every view
     is also mirrored. Predictions are averaged as probabilities or logits (`combine`)."""
-    if not 0 < crop_fraction <= 1:
-        raise FerError("tta.crop_fraction: expected 0 < fraction ≤ 1")
-    if any(s <= 0 for s in scales):
-        raise FerError("tta.scales: every scale must be > 0")
     if not (identity or crops or scales):
         raise FerError("tta: no view left (identity = false and no crops or scales)")
     return StandardTTA(identity, hflip, crops, crop_fraction, list(scales), combine)
