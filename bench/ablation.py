@@ -30,7 +30,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]  # run as a script or imported by tests
-from fer_core.checkpoint import atomic_write_text  # noqa: E402
+from fer_core.api import atomic_write_text  # noqa: E402
 from results_doc import RESULTS, update_section  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "ablation"  # run directories (checkpoints): not committed

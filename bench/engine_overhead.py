@@ -46,15 +46,9 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.data import Subset
 
-from fer_core.build import Built, build_all
-from fer_core.checkpoint import atomic_write_json
-from fer_core.console import ProgressBar
-from fer_core.data import EpochSeededLoader
-from fer_core.engine import Engine, EngineConfig
-from fer_core.hardware import Precision, cpu_has_native_bf16, resolve_precision
-from fer_core.interfaces import RunInfo
-from fer_core.recipe import Recipe, apply_overrides, read_toml, resolved, validate
-from fer_core.registry import get_registry
+from fer_core.api import (Built, Engine, EngineConfig, EpochSeededLoader, Precision, ProgressBar, Recipe, RunInfo,
+                          apply_overrides, atomic_write_json, build_all, cpu_has_native_bf16, get_registry,
+                          read_toml, resolve_precision, resolved, validate)
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = REPO.parent / "shared" / "data" / "fer2013"

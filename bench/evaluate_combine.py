@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from fer_core.checkpoint import atomic_write_text  # noqa: E402
+from fer_core.api import atomic_write_text  # noqa: E402
 from results_doc import update_section  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "combine"
@@ -83,24 +83,22 @@ def train(name: str, args: list[str], adopt: dict[str, Path]) -> Path:
 
 
 def model_figures(run_dir: Path, tta: dict | None = None) -> dict:
-    from fer_core.inference import (evaluate_predictions, load_run, run_predictions,
-                                    single_image_latency_ms, split_samples)
+    from fer_core.api import evaluate_predictions, load_predictor, single_image_latency_ms, split_samples
 
-    run = load_run(run_dir)
+    run = load_predictor(run_dir)
     split, samples = split_samples(run, None)
     views = None
     if tta is not None:
-        run.recipe.tta = None
         views = run.registry.build("tta", {"plugin": "standard", **tta}, "tta", run.preprocessing)
     t0 = time.perf_counter()
-    pred = run_predictions(run, samples, views)
+    pred = run.predict(samples, views)
     batched = 1000 * (time.perf_counter() - t0) / len(samples)
     rep = evaluate_predictions(run, pred)
     single = single_image_latency_ms(run, samples)
     n_views = len(views(__import__("torch").zeros(1, run.preprocessing.channels, *run.preprocessing.input_size))) if views else 1
     return {"split": split, "images": len(samples), "accuracy": rep["accuracy"], "macro_f1": rep["macro_f1"],
             "ece": rep["calibration"]["ece_calibrated"], "ece_uncalibrated": rep["calibration"]["ece"],
-            "temperature": run.temperature, "size_mb": (run_dir / "best.pt").stat().st_size / 2**20,
+            "temperature": (run.calibrator.state() or {}).get("temperature"), "size_mb": run.size_mb(),
             "batched_ms_per_image": batched, "single_image_ms": single * n_views, "views": n_views,
             "tta": tta, "run": rel(run_dir)}
 

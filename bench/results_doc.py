@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from fer_core.checkpoint import atomic_write_text  # noqa: E402
+from fer_core.api import atomic_write_text  # noqa: E402
 
 RESULTS = REPO / "docs" / "results.md"
 HEADER = """# Results

@@ -327,8 +327,9 @@ def make_splits(
     if not val:
         raise FerError("data: the validation split is empty")
     found += _class_warnings(source.classes, train, val)
-    return Splits(source.classes, source.au_names, train, val, sum(by_reason.values()), tuple(source.notes),
-                  tuple(found), dict(by_reason), decoded)
+    return Splits(source.classes, source.au_names, train, val, skipped=sum(by_reason.values()),
+                  notes=tuple(source.notes), warnings=tuple(found), skipped_by_reason=dict(by_reason),
+                  decoded=decoded)
 
 
 class ImageDataset(Dataset):

@@ -257,31 +257,9 @@ def single_image_latency_ms(pred: Predictor, samples: Sequence[Sample], n: int =
     return 1000 * float(np.mean(times)) if times else float("nan")
 
 
-def fit_calibration(pred: RunPredictor, raw_logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-    """Fit the recipe's calibrator on validation logits; returns what best.pt stores."""
-    spec = pred.recipe.calibration
-    cal = pred.registry.build("calibrator", spec.spec(), "calibration")
+def fit_calibrator(recipe: Recipe, registry: Registry, raw_logits: np.ndarray, labels: np.ndarray) -> tuple[Calibrator, dict[str, Any]]:
+    """The recipe's calibrator fitted on validation logits, and what best.pt stores of it."""
+    spec = recipe.calibration
+    cal = registry.build("calibrator", spec.spec(), "calibration")
     cal.fit(raw_logits, labels)
-    pred.calibrator = cal
-    pred.calibration = {"plugin": spec.plugin, "params": spec.params(), "state": cal.state()}
-    return pred.calibration
-
-
-def calibrate_run(run_dir: Path, split: str | None = None) -> dict[str, Any]:
-    """Fit the calibrator of an existing run on a validation split and store it in best.pt (and
-    metrics.json): for runs trained before calibration existed, or on other data."""
-    pred = RunPredictor(run_dir)
-    split = split or pred.recipe.data.val_split
-    guard_not_test(split, "calibrate")
-    split, samples = split_samples(pred, split)
-    p = pred.predict(samples)
-    stored = fit_calibration(pred, p["logits.emotion"], p["label"])
-    rd = RunDir(run_dir)
-    rd.store_calibration(stored)
-    report = {**calibration_report(p["logits.emotion"], pred.calibrator(p["logits.emotion"]), p["label"]),
-              "calibrator": stored["plugin"], "state": stored["state"], "split": split}
-    metrics = rd.read_json(RunDir.METRICS)
-    if metrics is not None:
-        metrics["calibration"] = report
-        rd.write_json(RunDir.METRICS, metrics)
-    return report
+    return cal, {"plugin": spec.plugin, "params": spec.params(), "state": cal.state()}

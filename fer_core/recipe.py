@@ -8,7 +8,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import FerError
 from .kinds import BY_NAME
@@ -92,6 +94,18 @@ class TrainSection(_Strict):
     monitor_mode: Literal["max", "min"] = "max"
     early_stopping_patience: _Count = 0  # epochs without improvement; 0 = off
     threads: _Count = 0  # torch CPU threads; 0 = torch default
+
+    @field_validator("num_workers", "pin_memory", mode="wrap")
+    @classmethod
+    def _value_or_auto(cls, v: Any, handler: Any) -> Any:
+        """One error naming the key, not one per union member (``num_workers.constrained-int``)."""
+        try:
+            return handler(v)
+        except ValidationError as e:
+            errors = e.errors()
+            value = [x["msg"] for x in errors if not str(x["loc"][-1] if x["loc"] else "").startswith("literal")]
+            raise PydanticCustomError("value_or_auto", "{msg}, or 'auto'",
+                                      {"msg": value[0] if value else errors[0]["msg"]}) from None
 
 
 class TrackingSection(Component):
@@ -286,61 +300,5 @@ def resolved(recipe: Recipe) -> dict[str, Any]:
 
 
 def dump_toml(data: dict[str, Any]) -> str:
-    """Minimal TOML writer for resolved recipes (tables, arrays of tables, scalars, lists)."""
-    lines: list[str] = []
-
-    def scalar(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return _toml_str(v)
-        if isinstance(v, list):
-            return "[" + ", ".join(scalar(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{_key(k)} = {scalar(x)}" for k, x in v.items()) + " }"
-        raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-    def table(prefix: str, d: dict[str, Any]) -> None:
-        simple = {k: v for k, v in d.items() if not _is_table(v) and not _is_table_array(v)}
-        if prefix and (simple or not d):
-            lines.append(f"\n[{prefix}]")
-        for k, v in simple.items():
-            lines.append(f"{_key(k)} = {scalar(v)}")
-        for k, v in d.items():
-            if _is_table(v):
-                table(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
-            elif _is_table_array(v):
-                for item in v:
-                    lines.append(f"\n[[{prefix + '.' if prefix else ''}{_key(k)}]]")
-                    for k2, v2 in item.items():
-                        lines.append(f"{_key(k2)} = {scalar(v2)}")
-
-    table("", data)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _key(k: str) -> str:
-    return k if k and k.replace("_", "").replace("-", "").isascii() and k.replace("_", "").replace("-", "").isalnum() else _toml_str(k)
-
-
-def _toml_str(v: str) -> str:
-    """A TOML basic string: quotes, backslashes and control characters escaped."""
-    out = []
-    for c in v:
-        if c in '"\\':
-            out.append("\\" + c)
-        elif ord(c) < 0x20 or c == "\x7f":
-            out.append(f"\\u{ord(c):04x}")
-        else:
-            out.append(c)
-    return '"' + "".join(out) + '"'
-
-
-def _is_table(v: Any) -> bool:
-    return isinstance(v, dict)
-
-
-def _is_table_array(v: Any) -> bool:
-    return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
+    """TOML text of a resolved recipe (tomli-w: quoting and escaping done right)."""
+    return tomli_w.dumps(data)

@@ -15,7 +15,7 @@ from .engine import Engine, EngineConfig
 from .errors import FerError
 from .interfaces import RunInfo
 from .plots import confusion_matrix_png
-from .predictor import calibration_report
+from .predictor import calibration_report, fit_calibrator
 from .recipe import Recipe, apply_overrides, dump_toml, read_toml, resolved, validate
 from .registry import get_registry
 from .rundir import RunDir
@@ -155,9 +155,7 @@ def _write_results(rd: RunDir, recipe: Recipe, reg: Any, final: dict[str, Any], 
         return
     # the recipe's calibrator, fitted on the validation logits of the best checkpoint, stored with it
     pred = engine.last_predictions
-    cal = reg.build("calibrator", recipe.calibration.spec(), "calibration")
-    cal.fit(pred["logits.emotion"], pred["label"])
-    stored = {"plugin": recipe.calibration.plugin, "params": recipe.calibration.params(), "state": cal.state()}
+    cal, stored = fit_calibrator(recipe, reg, pred["logits.emotion"], pred["label"])
     final["calibration"] = {**calibration_report(pred["logits.emotion"], cal(pred["logits.emotion"]), pred["label"]),
                             "calibrator": stored["plugin"], "state": stored["state"],
                             "split": recipe.data.val_split, "in_sample": True}

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from conftest import tiny_recipe
 from fer_core.data import eval_transform, load_image
 from fer_core.errors import FerError
-from fer_core.inference import load_run, run_logits, split_samples
+from fer_core.api import load_predictor, split_samples
 from fer_core.interfaces import Preprocessing, ScheduleInfo, TaskInfo
 from fer_core.registry import get_registry
 from fer_plugins import distill
@@ -119,18 +119,23 @@ def test_loss_errors_and_recipe_time_checks():
     with pytest.raises(FerError, match="teacher_logits have shape"):
         loss_of()({"emotion": torch.zeros(2, 7)}, {"label": torch.zeros(2, dtype=torch.long),
                                                   "teacher_logits": torch.zeros(2, 6)})
-    comp = get_registry().get("loss", "distill", "loss")
-    for params, msg in [({"temperature": 0.0}, "loss.temperature: must be a finite number > 0"),
-                        ({"alpha": 1.5}, r"loss.alpha: must be in \[0, 1\]"),
-                        ({"hard": {"gamma": 2.0}}, "loss.hard: expected a loss table"),
-                        ({"hard": {"plugin": "distill"}}, "distill losses do not nest"),
+    reg = get_registry()
+
+    def check(**params):  # what `fer recipe check` does with the [loss] table, nested hard loss included
+        return reg.validate("loss", {"plugin": "distill", **params}, "loss")
+
+    for params, msg in [({"temperature": 0.0}, r"loss.temperature: Input should be greater than 0 \(got 0.0\)"),
+                        ({"temperature": float("inf")}, "loss.temperature: Input should be a finite number"),
+                        ({"alpha": 1.5}, r"loss.alpha: Input should be less than or equal to 1 \(got 1.5\)"),
+                        ({"alpha": -0.1}, r"loss.alpha: Input should be greater than or equal to 0"),
+                        ({"hard": {"gamma": 2.0}}, "loss.hard: expected a table with a 'plugin' key naming a loss"),
+                        ({"hard": {"plugin": "distill"}}, "loss.hard: a 'distill' loss cannot nest itself"),
                         ({"hard": {"plugin": "focall"}}, "unknown loss plugin 'focall'.*did you mean 'focal'"),
                         ({"hard": {"plugin": "focal", "gama": 1.0}}, "loss.hard.gama: unknown key")]:
         with pytest.raises(FerError, match=msg):
-            comp.validate(params, "loss")
+            check(**params)
     # the hard loss's defaults are filled in, so the saved recipe states them
-    assert comp.validate({"hard": {"plugin": "focal"}}, "loss")["hard"] == {"plugin": "focal", "gamma": 2.0,
-                                                                            "alpha": "none"}
+    assert check(hard={"plugin": "focal"})["hard"] == {"plugin": "focal", "gamma": 2.0, "alpha": "none"}
 
 
 def test_hard_loss_traits_pass_through():
@@ -154,7 +159,12 @@ def teacher_dir(tmp_path_factory, fer_subset):
 
 @pytest.fixture(scope="module")
 def teacher_run(teacher_dir):
-    return load_run(teacher_dir, device="cpu")
+    return load_predictor(teacher_dir, device="cpu")
+
+
+def run_logits(predictor, images, pre):
+    """What a teacher gives: the predictor's calibrated emotion logits of the batch."""
+    return predictor.logits(images, pre)
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +221,27 @@ def test_teacher_logits_follow_the_students_class_order(teacher_dir, teacher_run
 
 
 def test_not_a_teacher_directory(tmp_path, teacher_run):
-    with pytest.raises(FerError, match="is not a teacher: expected an ensemble directory .* or a run directory"):
+    with pytest.raises(FerError, match=r"batch_transforms.run: '.*' cannot be loaded as a teacher \(a run or ensemble "
+                                       r"directory, or an artifact a plugin reads\): .*not a fer run directory"):
         make_teacher(task_of(teacher_run.classes), INFO, run=str(tmp_path))
+    with pytest.raises(FerError, match="cannot be loaded as a teacher .*no such run directory or file"):
+        make_teacher(task_of(teacher_run.classes), INFO, run=str(tmp_path / "missing"))
+
+
+def test_a_teacher_loaded_on_one_device_follows_the_batch(teacher_dir, teacher_run, monkeypatch):
+    """A Predictor is placed when loaded: moving the teacher loads it again on the new device
+    (and not when the device is the same)."""
+    teacher = distill.load_teacher(teacher_dir, "cpu")
+    loads = []
+    original = distill.load_predictor
+    monkeypatch.setattr(distill, "load_predictor", lambda *a, **k: loads.append(k) or original(*a, **k))
+    teacher.to(torch.device("cpu"))
+    assert loads == []
+    before = teacher.predictor
+    teacher.predictor = type("Elsewhere", (), {"device": torch.device("meta")})()
+    teacher.to(torch.device("cpu"))
+    assert loads == [{"device": "cpu"}] and teacher.predictor is not before
+    assert teacher.predictor.device == torch.device("cpu")
 
 
 class CountingTeacher:
@@ -263,16 +292,21 @@ def test_cache_with_the_real_teacher_matches_run_logits(teacher_dir, teacher_run
 
 
 def test_an_ensemble_directory_is_a_teacher(teacher_dir, teacher_run, train_samples, tmp_path):
-    from fer_core.ensemble import Ensemble, build, validate_spec
+    from fer_plugins.ensembles import EnsemblePredictor, build, validate_spec
 
     out = tmp_path / "ens"
     build(validate_spec({"members": [str(teacher_dir)]}, "t"), out)
     bt = build_teacher(out, teacher_run.classes, device="cpu")
-    assert isinstance(bt.teacher, distill.EnsembleTeacher)
+    assert isinstance(bt.teacher.predictor, EnsemblePredictor)
+    assert bt.teacher.preprocessing == teacher_run.preprocessing  # its first member's clean view
     bt.set_student_preprocessing(STUDENT_PRE)
     images = images_for(STUDENT_PRE, train_samples[:4])
     got = bt({"image": images, "index": torch.arange(4)}, 1)["teacher_logits"]
-    torch.testing.assert_close(got, Ensemble(out).logits(images, STUDENT_PRE), rtol=1e-4, atol=1e-5)
+    ensemble = load_predictor(out, device="cpu")
+    torch.testing.assert_close(got, ensemble.logits(images, STUDENT_PRE), rtol=1e-4, atol=1e-5)
+    # one member: the log of its calibrated probabilities, i.e. its calibrated logits up to a constant per row
+    torch.testing.assert_close(torch.log_softmax(got, 1), torch.log_softmax(run_logits(teacher_run, images, STUDENT_PRE), 1),
+                               rtol=1e-4, atol=1e-4)
 
 
 # ------------------------------------------------------------------ end to end

@@ -30,7 +30,7 @@ def test_installed_plugin_is_listed_and_usable(site, write_recipe, tmp_path):
     env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), ENV.get("PYTHONPATH", "")])}
     rows = json.loads(fer("plugins", "--json", env=env).stdout)
     assert {"kind": "head", "name": "cosine", "plugin": "cosine_head", "distribution": "fer-plugin-example",
-            "version": "0.2.0"} in rows
+            "version": "0.3.0"} in rows
     # without the install it is not there, and a recipe naming it is a clear error
     assert not any(r["kind"] == "head" and r["name"] == "cosine" for r in json.loads(fer("plugins", "--json").stdout))
 
@@ -45,3 +45,16 @@ def test_installed_plugin_is_listed_and_usable(site, write_recipe, tmp_path):
     # and it can be blocked by name
     r = fer("recipe", "check", str(recipe), env={**env, "FER_DISABLE_PLUGINS": "cosine_head"})
     assert r.returncode == 2 and "unknown head plugin 'cosine'" in r.stderr
+
+
+def test_installed_plugin_adds_a_command_that_runs(site, write_recipe, tmp_path):
+    env = {**ENV, "PYTHONPATH": os.pathsep.join([str(site), ENV.get("PYTHONPATH", "")])}
+    assert "class-similarity" in fer("--help", env=env).stdout
+    assert "class-similarity" not in fer("--help").stdout
+    out = tmp_path / "run"
+    assert fer("run", str(write_recipe(epochs=1)), "--out", str(out)).returncode == 0
+    r = fer("class-similarity", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    assert "happy" in r.stdout and r.stdout.count("+1.00") == 7  # each of the 7 classes is itself
+    r = fer("class-similarity", str(tmp_path / "nope"), env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nope" in r.stderr

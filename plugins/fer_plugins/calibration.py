@@ -19,7 +19,8 @@ from pydantic import Field
 
 import typer
 
-from fer_core.api import FerError, RunArgument, calibrate_run, hookimpl, nll, stdout
+from fer_core.api import (FerError, RunArgument, RunDir, RunPredictor, calibration_report, fit_calibrator,
+                          guard_not_test, hookimpl, nll, split_samples, stdout)
 
 
 class TemperatureScaling:
@@ -87,6 +88,27 @@ def make_none() -> NoCalibration:
 def register_calibrators(register):
     register("temperature", make_temperature)
     register("none", make_none)
+
+
+def calibrate_run(run_dir: Path, split: str | None = None) -> dict[str, Any]:
+    """Fit the calibrator of an existing run on a validation split and store it in best.pt (and
+    metrics.json): for runs trained before calibration existed, or on other data."""
+    pred = RunPredictor(run_dir)
+    split = split or pred.recipe.data.val_split
+    guard_not_test(split, "calibrate")
+    split, samples = split_samples(pred, split)
+    p = pred.predict(samples)
+    cal, stored = fit_calibrator(pred.recipe, pred.registry, p["logits.emotion"], p["label"])
+    rd = RunDir(run_dir)
+    rd.store_calibration(stored)
+    report = {**calibration_report(p["logits.emotion"], cal(p["logits.emotion"]), p["label"]),
+              "calibrator": stored["plugin"], "state": stored["state"], "split": split,
+              "in_sample": split == pred.recipe.data.val_split}
+    metrics = rd.read_json(RunDir.METRICS)
+    if metrics is not None:
+        metrics["calibration"] = report
+        rd.write_json(RunDir.METRICS, metrics)
+    return report
 
 
 @hookimpl

@@ -12,6 +12,7 @@ fitted on the validation split — never on a split named test — and its state
 
 from __future__ import annotations
 
+import difflib
 import json
 import shutil
 import tempfile
@@ -51,10 +52,14 @@ class EnsembleSpec(BaseModel):
 
 
 def _pydantic_message(e: ValidationError, model: type[BaseModel]) -> str:
-    err = e.errors()[0]
+    """The first problem, an unknown key (a typo) before the missing key it was meant to be."""
+    errors = e.errors()
+    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
     key = ".".join(map(str, err["loc"])) or "(top level)"
     if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key; accepted: {', '.join(model.model_fields)}"
+        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"{key}: unknown key{hint}; accepted: {', '.join(model.model_fields)}"
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     return f"{key}: {err['msg']} (got {err.get('input')!r})"
@@ -372,8 +377,9 @@ def print_report(report: dict[str, Any], spec: EnsembleSpec, out: Path) -> None:
     in_sample = f"in-sample (fitted on '{split}')"
     metrics_tables(report, title=f"ensemble of {len(spec.members)} on '{split}', in-sample")
     table = Table(title=f"members and ensemble on '{split}'")
-    for col in ("run", "accuracy", "macro-F1", "ECE", "MB", "ms/img (batch)", "ms/img (single)"):
-        table.add_column(col)
+    table.add_column("member", overflow="fold")
+    for col in ("accuracy", "macro-F1", "ECE", "MB", "ms/img (batch)", "ms/img (single)"):
+        table.add_column(col, justify="right")
     ens = {"run": "ensemble", **{k: report[k] for k in ("accuracy", "macro_f1", "ece", "size_mb",
                                                         "batched_ms_per_image", "single_image_ms")}}
     for m in report["members"] + [ens]:

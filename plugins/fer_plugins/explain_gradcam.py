@@ -14,11 +14,10 @@ when every map is 1×1).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Annotated, Optional, Sequence
+from typing import Annotated, Any, Optional, Sequence
 
 import matplotlib
 import matplotlib.pyplot as plt
@@ -123,7 +122,7 @@ def resolve_target(model: nn.Module, layer: str | None = None, example: torch.Te
                              like.grid if tokens else None)
         return CamTarget(modules[name], name, "NHWC" if like.layout == "NHWC" else "NCHW")
     if declared is not None:
-        return dataclasses.replace(declared, name=_name_of(model, declared.module) or declared.name)
+        return replace(declared, name=_name_of(model, declared.module) or declared.name)
     maps = [(n, s) for n, s in _probe(model, network, _example(model, example)) if len(s) == 4]
     if not maps:
         raise FerError(f"Grad-CAM: {type(network).__name__} has no B×C×H×W feature map and its backbone declares "
@@ -275,12 +274,14 @@ def overlay(image: np.ndarray, heatmap: np.ndarray, alpha: float = ALPHA) -> np.
 # ------------------------------------------------------------------ `fer explain`
 
 
-def build_explainer(pred: RunPredictor, layer: str | None = None) -> Explainer:
+def explainer_spec(pred: RunPredictor, layer: str | None = None) -> dict[str, Any]:
     """The recipe's [explain] table, or the kind's default explainer; ``layer`` overrides its key."""
     spec = pred.recipe.explain.spec() if pred.recipe.explain is not None else {"plugin": BY_NAME["explainer"].default}
-    if layer:
-        spec["layer"] = layer
-    return pred.registry.build("explainer", spec, "explain")
+    return {**spec, "layer": layer} if layer else spec
+
+
+def build_explainer(pred: RunPredictor, layer: str | None = None) -> Explainer:
+    return pred.registry.build("explainer", explainer_spec(pred, layer), "explain")
 
 
 def _unique_names(paths: Sequence[Path]) -> list[str]:

@@ -18,12 +18,13 @@ from typing import Annotated, Any, Optional, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 import typer
 
 from fer_core.api import (Explainer, FerError, Overrides, RunArgument, RunDir, RunPredictor, Sample,
-                          atomic_write_bytes, atomic_write_text, confusion_matrix_figure, evaluate_predictions,
-                          figure_png, hookimpl, reliability, softmax, split_samples, stdout)
-from fer_plugins.explain_gradcam import build_explainer, overlay, read_image
+                          atomic_write_bytes, atomic_write_text, confusion_matrix_figure, eval_transform,
+                          evaluate_predictions, figure_png, hookimpl, reliability, softmax, split_samples, stdout)
+from fer_plugins.explain_gradcam import explainer_spec, overlay, read_image
 
 REPORT_FILE = "report.html"
 N_BINS = 15  # the bins of metrics.ece, so the diagram's ECE equals the reported one
@@ -96,11 +97,11 @@ class Evaluation:
     def probs(self) -> np.ndarray:  # calibrated: what fer reports everywhere
         return softmax(self.pred["calibrated.emotion"])
 
-    @property
+    @cached_property
     def labels(self) -> np.ndarray:
         return np.asarray(self.pred["label"])
 
-    @property
+    @cached_property
     def preds(self) -> np.ndarray:
         return self.probs.argmax(1)
 
@@ -141,13 +142,13 @@ class RunFiles:
 
 
 def calibrator_text(pred: RunPredictor) -> str:
-    """'temperature (temperature = 1.23)': the calibrator and its fitted numbers."""
+    """'temperature calibrator, temperature = 1.23': the calibrator and its fitted numbers."""
     cal = pred.calibration
     state = cal.get("state")
     if state is None:
-        return f"{cal['plugin']} (not fitted)"
-    numbers = ", ".join(f"{k} = {v:.3g}" for k, v in state.items() if isinstance(v, (int, float)))
-    return f"{cal['plugin']} ({numbers})" if numbers else str(cal["plugin"])
+        return f"{cal['plugin']} calibrator (not fitted)"
+    numbers = "".join(f", {k} = {v:.3g}" for k, v in state.items() if isinstance(v, (int, float)))
+    return f"{cal['plugin']} calibrator{numbers}"
 
 
 def confused_pairs(cm: np.ndarray, top: int = TOP_PAIRS) -> list[tuple[int, int, int, float]]:
@@ -251,7 +252,7 @@ def reliability_figure(raw: np.ndarray, calibrated: np.ndarray, labels: np.ndarr
     _reliability_panel(axes[0][0], axes[1][0], reliability(softmax(raw), labels, N_BINS), "before calibration",
                        "#0969da")
     _reliability_panel(axes[0][1], axes[1][1], reliability(softmax(calibrated), labels, N_BINS),
-                       f"after calibration: {calibrator}", "#1a7f37")
+                       f"after: {calibrator}", "#1a7f37")
     fig.tight_layout()
     return fig
 
@@ -274,8 +275,9 @@ def pair_figure(images: list[np.ndarray], probs: list[float], pred_name: str):
 def _pick_examples(ev: Evaluation, cls: int, per_class: int) -> tuple[list[int], list[int]]:
     """The most confident correct and the most confident wrong predictions of true class cls."""
     order = np.argsort(-ev.probs.max(1), kind="stable")
-    mine = [int(i) for i in order if ev.labels[i] == cls]
-    return ([i for i in mine if ev.preds[i] == cls][:per_class], [i for i in mine if ev.preds[i] != cls][:per_class])
+    mine = order[ev.labels[order] == cls]
+    right = ev.preds[mine] == cls
+    return mine[right][:per_class].tolist(), mine[~right][:per_class].tolist()
 
 
 def class_grid_figure(pred: RunPredictor, ev: Evaluation, explainer: Explainer, per_class: int = 4):
@@ -289,9 +291,6 @@ def class_grid_figure(pred: RunPredictor, ev: Evaluation, explainer: Explainer, 
     originals = {i: ev.image(i, pred.preprocessing.channels) for i in shown}
     heat: dict[int, np.ndarray] = {}
     if shown:
-        from fer_core.api import eval_transform  # noqa: PLC0415 - only the grid needs the tensor transform
-        import torch  # noqa: PLC0415
-
         tf = eval_transform(pred.preprocessing)
         maps = explainer.explain(pred.model, torch.stack([tf(originals[i]) for i in shown]),
                                  [int(preds[i]) for i in shown])
@@ -338,7 +337,9 @@ class Figures:
     #: (true, predicted, count, share of the true class, PNG) of the most confused pairs
     pairs: list[tuple[int, int, int, float, bytes]] = field(default_factory=list)
     gradcam: bytes | None = None
-    gradcam_note: str = ""  # the explainer and its layer, or why there is no grid
+    explainer: str = ""
+    gradcam_layer: str | None = None  # where the explainer says it looked
+    gradcam_error: str = ""  # why there is no grid
 
 
 def draw_figures(pred: RunPredictor, ev: Evaluation, files: RunFiles, out: Path, gradcam: bool = True) -> Figures:
@@ -353,23 +354,21 @@ def draw_figures(pred: RunPredictor, ev: Evaluation, files: RunFiles, out: Path,
         per_class=save_figure(per_class_figure(ev.metrics["per_class"], classes), out / "per_class.png"),
         reliability=save_figure(reliability_figure(ev.pred["logits.emotion"], ev.pred["calibrated.emotion"],
                                                    ev.labels, calibrator_text(pred)), out / "reliability.png"))
-    channels = 3 if pred.preprocessing.channels == 3 else 1
+    channels = pred.preprocessing.channels
     for k, (i, j, n, share) in enumerate(confused_pairs(cm)):
         idx = sorted(np.flatnonzero((ev.labels == i) & (ev.preds == j)).tolist(), key=lambda x: -ev.probs[x, j])
         idx = idx[:PAIR_EXAMPLES]
         fig = pair_figure([ev.image(x, channels) for x in idx], [float(ev.probs[x, j]) for x in idx], classes[j])
         figs.pairs.append((i, j, n, share, save_figure(fig, out / f"confused_{k + 1}.png")))
     if gradcam:
+        spec = explainer_spec(pred)
+        figs.explainer = spec["plugin"]
         try:
-            explainer = build_explainer(pred)
+            explainer = pred.registry.build("explainer", spec, "explain")
             figs.gradcam = save_figure(class_grid_figure(pred, ev, explainer), out / "gradcam_grid.png")
-            spec = pred.recipe.explain
-            name = spec.plugin if spec is not None else "gradcam"
-            layer = getattr(explainer, "layer_used", None)
-            figs.gradcam_note = f"Explainer <code>{html.escape(name)}</code>" + (
-                f", layer <code>{html.escape(layer)}</code>" if layer else "") + "."
+            figs.gradcam_layer = getattr(explainer, "layer_used", None)
         except FerError as e:  # an architecture the explainer cannot handle must not cost the whole report
-            figs.gradcam_note = str(e)
+            figs.gradcam_error = str(e)
     return figs
 
 
@@ -431,7 +430,7 @@ def _summary(pred: RunPredictor, ev: Evaluation, in_sample: bool) -> str:
               _card("images", f"{len(ev.labels):,}", f"split '{ev.split}'")]
     return (_h2("summary") + f'<div class="cards">{"".join(cards)}</div>'
             f'<p class="note">Metrics of the best checkpoint re-evaluated on split <b>{esc(ev.split)}</b>; '
-            f"probabilities calibrated by {esc(calibrator_text(pred))}. "
+            f"probabilities calibrated by the {esc(calibrator_text(pred))}. "
             f"NLL {cal['nll']:.3f} → {cal['nll_calibrated']:.3f} with calibration.</p>")
 
 
@@ -490,11 +489,12 @@ def _calibration(pred: RunPredictor, ev: Evaluation, figs: Figures, files: RunFi
         parts.append(f'<p class="note in-sample"><b>In-sample:</b> the calibrator was fitted on this split '
                      f"('{esc(ev.split)}'), so the right-hand diagram and the calibrated ECE are optimistic; "
                      "a report on another split (<code>--split</code>) shows how calibration generalises.</p>")
-    fitted = f"on split '{esc(files.fitted_split)}'" if files.fitted_split else "on validation data"
     note = ("ECE (expected calibration error) is the image-weighted mean gap between accuracy and confidence over "
-            f"the bins. The calibrator ({desc}) was fitted {fitted} after training; it maps the logits to the "
-            "probabilities fer reports.")
-    if pred.calibration.get("state") is None:
+            "the bins.")
+    if files.fitted_split is not None:
+        note += (f" The {desc} was fitted on split '{esc(files.fitted_split)}' after training; it maps the logits "
+                 "to the probabilities fer reports.")
+    else:
         note += (" <b>This run has no fitted calibrator</b>: "
                  f"<code>fer calibrate {esc(str(pred.path))}</code> fits one on the validation split.")
     return "".join(parts) + f'<p class="note">{note}</p>'
@@ -502,13 +502,14 @@ def _calibration(pred: RunPredictor, ev: Evaluation, figs: Figures, files: RunFi
 
 def _gradcam(figs: Figures) -> str:
     if figs.gradcam is None:
-        return _h2("gradcam") + f'<p class="note">No Grad-CAM: {esc(figs.gradcam_note)}</p>'
+        return _h2("gradcam") + f'<p class="note">No Grad-CAM: {esc(figs.gradcam_error)}</p>'
+    layer = f", layer <code>{esc(figs.gradcam_layer)}</code>" if figs.gradcam_layer else ""
     return _h2("gradcam") + _figure(
         figs.gradcam, "Grad-CAM class grid",
         "Saliency of the predicted class, one row per true class: the most confident correct predictions on the "
         "left, the most confident mistakes on the right (title: predicted class and its probability; green "
         "correct, red wrong; grey cells: not enough examples). Red regions raised the predicted logit most. "
-        + figs.gradcam_note)
+        f"Explainer <code>{esc(figs.explainer)}</code>{layer}.")
 
 
 def render_html(pred: RunPredictor, ev: Evaluation, figs: Figures, files: RunFiles, *,
