@@ -71,22 +71,36 @@ class Component:
         return values
 
     def describe(self) -> list[dict[str, str]]:
-        """Recipe keys with type, default and the factory's docstring line for each (``fer plugins KIND NAME``)."""
+        """Recipe keys with type (ranges included), default (``fer plugins KIND NAME``)."""
         hints = _type_hints(self.factory)
-        rows = []
-        for n, p in self.params().items():
-            ann = hints.get(n, p.annotation)
-            type_text = getattr(ann, "__name__", None) if isinstance(ann, type) else None
-            rows.append({"key": n, "type": type_text or str(ann).replace("typing.", ""),
-                         "default": "(required)" if p.default is p.empty else repr(p.default)})
-        return rows
+        return [{"key": n, "type": _type_text(hints.get(n, p.annotation)),
+                 "default": "(required)" if p.default is p.empty else repr(p.default)}
+                for n, p in self.params().items()]
+
+
+def _type_text(ann: Any) -> str:
+    """``Annotated[float, Field(gt=0)]`` → "float (gt=0)"; generics argument by argument."""
+    import dataclasses
+    import typing
+
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        metas = [m for info in args[1:] for m in getattr(info, "metadata", [info])]
+        ranges = [f"{f.name}={getattr(m, f.name)}" for m in metas if dataclasses.is_dataclass(m)
+                  for f in dataclasses.fields(m) if f.name != "strict"]
+        return _type_text(args[0]) + (f" ({', '.join(ranges)})" if ranges else "")
+    if origin is not None and args:
+        name = "|" if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else None
+        inner = [_type_text(a) for a in args]
+        return " | ".join(inner) if name else f"{getattr(origin, '__name__', str(origin))}[{', '.join(inner)}]"
+    return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
 
 
 def _type_hints(fn: Callable[..., Any]) -> dict[str, Any]:
     import typing
 
     try:
-        return typing.get_type_hints(fn)
+        return typing.get_type_hints(fn, include_extras=True)  # keep Annotated ranges: they are the checks
     except Exception:  # unresolved forward refs: fall back to no checking for those keys
         return {}
 
