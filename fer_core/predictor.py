@@ -160,14 +160,17 @@ class RunPredictor:
         return pred
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-        """Calibrated emotion logits (run's class order) of a batch prepared with preprocessing ``pre``."""
+    def logits(self, images: torch.Tensor, pre: Preprocessing, calibrated: bool = True) -> torch.Tensor:
+        """Emotion logits (run's class order) of a batch prepared with preprocessing ``pre``;
+        ``calibrated=False`` gives the raw ones (a distillation teacher: its T plays that role)."""
         self.model.eval()
         x = images.to(self.device)
         if pre != self.preprocessing:
             x = adapt_images(x, pre, self.preprocessing)
         with autocast(self.device, self.precision):
             raw = self.model(x)["emotion"].float()
+        if not calibrated:
+            return raw.to(images.device)
         return torch.as_tensor(self.calibrator(raw.cpu().numpy()), dtype=torch.float32, device=images.device)
 
     def size_mb(self) -> float:

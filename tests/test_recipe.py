@@ -16,7 +16,7 @@ RECIPES = sorted((REPO / "recipes").rglob("*.toml"))
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_shipped_recipes_validate(path):
     if "members" in tomllib.loads(path.read_text()):  # an ensemble recipe
-        from fer_core.ensemble import validate_spec
+        from fer_plugins.ensembles import validate_spec
 
         assert validate_spec(tomllib.loads(path.read_text()), str(path)).members
         return

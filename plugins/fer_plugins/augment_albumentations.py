@@ -20,9 +20,7 @@ import numpy as np
 import torch
 from pydantic import Field, ValidationError
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import Preprocessing
+from fer_core.api import FerError, Preprocessing, hookimpl
 from fer_plugins.augment_basic import AlbumentationsAugmenter
 
 #: the recipe table this component lives in (errors name keys below it)

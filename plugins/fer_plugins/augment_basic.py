@@ -9,8 +9,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from fer_core.api import hookimpl
-from fer_core.api import Preprocessing
+from fer_core.api import Preprocessing, hookimpl
 
 
 class AlbumentationsAugmenter:

@@ -8,9 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import Backbone, CamTarget, Preprocessing
+from fer_core.api import Backbone, CamTarget, FerError, Preprocessing, hookimpl, traits
 
 
 class TimmBackbone(Backbone):
@@ -83,6 +81,7 @@ def loaded_fraction(model: torch.nn.Module, init_a: torch.nn.Module, init_b: tor
     return changed / max(len(random_keys), 1)
 
 
+@traits(example={"name": "resnet10t", "in_chans": 1, "input_size": 32})  # the registry contract tests build this tiny model
 def make_timm_backbone(
     *,
     name: str,

@@ -8,9 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import Backbone, CamTarget, Preprocessing
+from fer_core.api import Backbone, CamTarget, FerError, Preprocessing, hookimpl, traits
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -52,6 +50,7 @@ def _strip_classifier(model: nn.Module, name: str) -> int:
     raise FerError(f"model.backbone.name: cannot find the classifier of torchvision model '{name}'")
 
 
+@traits(example={"name": "mobilenet_v2", "input_size": 32})  # the registry contract tests build this tiny model
 def make_torchvision_backbone(*, name: str, pretrained: bool | str = False, input_size: int = 224) -> TorchvisionBackbone:
     """`pretrained`: false, true (torchvision's default weights, downloaded) or a local .pth file."""
     available = torchvision.models.list_models(module=torchvision.models)

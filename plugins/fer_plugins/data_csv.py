@@ -24,9 +24,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import DataSource, Sample
+from fer_core.api import DataSource, FerError, Sample, hookimpl
 
 AU_COLUMN = re.compile(r"^AU\d+$")
 

@@ -20,9 +20,7 @@ from typing import Annotated
 
 from pydantic import Field
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import DataSource, Sample
+from fer_core.api import DataSource, FerError, Sample, hookimpl
 
 
 @hookimpl

@@ -18,10 +18,8 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
+from fer_core.api import DataSource, FerError, Sample, hookimpl
 from fer_plugins.data_rafce import read_lines  # the same line reader, one copy
-from fer_core.api import DataSource, Sample
 
 BASIC = ["Surprise", "Fear", "Disgust", "Happiness", "Sadness", "Anger", "Neutral"]
 COMPOUND = [

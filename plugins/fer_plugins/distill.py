@@ -26,11 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import Batch, Outputs, Preprocessing, Sample, ScheduleInfo, TaskInfo
-from fer_core.api import DeclaresTasks, ReweightsClasses, supports, traits
-from fer_core.api import Predictor, eval_loader, load_predictor, resolve_device
+from fer_core.api import (Batch, DeclaresTasks, FerError, Outputs, Predictor, Preprocessing, ReweightsClasses, Sample,
+                          ScheduleInfo, TaskInfo, eval_loader, hookimpl, load_predictor, resolve_device, supports,
+                          traits)
 
 #: images per teacher forward when the cache is filled
 CACHE_BATCH_SIZE = 256
@@ -97,7 +95,8 @@ class PredictorTeacher:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
-        return self.predictor.logits(images, pre)
+        # a run teacher's raw logits: the distillation temperature plays the calibrator's role
+        return self.predictor.logits(images, pre, calibrated=False)
 
 
 def load_teacher(path: Path | str, device: torch.device | str = "cpu", where: str = "batch_transforms.run") -> Teacher:

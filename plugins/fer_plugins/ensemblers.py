@@ -7,8 +7,7 @@ from typing import Any, Literal, Sequence
 import numpy as np
 import torch
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
+from fer_core.api import FerError, hookimpl
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

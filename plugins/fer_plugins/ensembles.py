@@ -229,11 +229,12 @@ class EnsemblePredictor:
         return out
 
     @torch.no_grad()
-    def logits(self, images: torch.Tensor, pre: Preprocessing) -> torch.Tensor:
+    def logits(self, images: torch.Tensor, pre: Preprocessing, calibrated: bool = True) -> torch.Tensor:
         """Log of the combined probabilities of a batch prepared with preprocessing ``pre`` (each
-        member adapts it to its own), ensemble class order: e.g. a distillation teacher."""
-        calibrated = [m.logits(images, pre).float().cpu().numpy() for m in self.members]
-        return torch.as_tensor(_log(self.combine(calibrated)), dtype=torch.float32, device=images.device)
+        member adapts it to its own), ensemble class order: e.g. a distillation teacher. The
+        members' calibration is always applied (the combiner was fitted on calibrated scores)."""
+        scores = [m.logits(images, pre).float().cpu().numpy() for m in self.members]
+        return torch.as_tensor(_log(self.combine(scores)), dtype=torch.float32, device=images.device)
 
     def size_mb(self) -> float:
         return sum(m.size_mb() for m in self.members)

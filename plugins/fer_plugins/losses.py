@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl, traits
-from fer_core.api import Batch, Outputs, TaskInfo
+from fer_core.api import Batch, FerError, Outputs, TaskInfo, hookimpl, traits
 
 
 class CrossEntropy:

@@ -17,9 +17,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl, traits
-from fer_core.api import Batch, Outputs, TaskInfo
+from fer_core.api import Batch, FerError, Outputs, TaskInfo, hookimpl, traits
 
 #: lower bound of (1 - p) in the focal modulating factor: keeps the gradient of (1-p)^gamma
 #: finite at p = 1 when gamma < 1 (the clamp's gradient is 0 there, so nothing leaks)

@@ -20,9 +20,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl, traits
-from fer_core.api import Batch, ScheduleInfo, TaskInfo
+from fer_core.api import Batch, FerError, ScheduleInfo, TaskInfo, hookimpl, traits
 
 _U64 = 2**64
 

@@ -17,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fer_core.api import FerError
-from fer_core.api import DeclaresTasks, ReweightsClasses, hookimpl, supports, traits
-from fer_core.api import Batch, Outputs, TaskInfo
+from fer_core.api import (Batch, DeclaresTasks, FerError, Outputs, ReweightsClasses, TaskInfo, hookimpl, supports,
+                          traits)
 
 # ------------------------------------------------------------------ AU loss
 

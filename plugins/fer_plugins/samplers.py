@@ -10,9 +10,7 @@ import torch
 from pydantic import Field
 from torch.utils.data import WeightedRandomSampler
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import TaskInfo
+from fer_core.api import FerError, TaskInfo, hookimpl
 
 
 class OverSampler:

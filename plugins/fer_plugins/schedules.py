@@ -8,9 +8,7 @@ from typing import Annotated
 import torch
 from pydantic import Field
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import ScheduleInfo
+from fer_core.api import FerError, ScheduleInfo, hookimpl
 
 
 #: a learning rate the schedule ends at: finite and >= 0 (a negative one trains by gradient ascent)

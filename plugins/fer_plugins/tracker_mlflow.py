@@ -15,8 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fer_core.api import FerError, RunDir, hookimpl
-from fer_core.api import Callback, RunInfo
+from fer_core.api import Callback, FerError, RunDir, RunInfo, hookimpl
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:

@@ -6,11 +6,10 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BeforeValidator, Field
+from pydantic import Field
+from pydantic_core import core_schema
 
-from fer_core.api import FerError
-from fer_core.api import hookimpl
-from fer_core.api import Preprocessing
+from fer_core.api import FerError, Preprocessing, hookimpl
 
 
 def _crop_resize(x: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
@@ -50,18 +49,25 @@ class StandardTTA:
         return base
 
 
-def _not_bool(v: object) -> object:
-    """Literal[0, 1, 5] alone takes true as 1 (True == 1): a count must be written as a number."""
-    if isinstance(v, bool):
-        raise ValueError("expected 0, 1 or 5, not a boolean")
-    return v
+class _NotBool:
+    """``Annotated`` marker: reject booleans before a ``Literal`` of ints, which alone takes
+    true for 1 (True == 1; ``Field(strict=True)`` does not apply to literals)."""
+
+    def __get_pydantic_core_schema__(self, source: object, handler):  # noqa: ANN001 (pydantic's handler)
+        return core_schema.no_info_before_validator_function(self._check, handler(source))
+
+    @staticmethod
+    def _check(v: object) -> object:
+        if isinstance(v, bool):
+            raise ValueError("expected a number, not a boolean")
+        return v
 
 
 def make_standard_tta(
     pre: Preprocessing, /, *,
     identity: Annotated[bool, Field(strict=True)] = True,
     hflip: Annotated[bool, Field(strict=True)] = True,
-    crops: Annotated[Literal[0, 1, 5], BeforeValidator(_not_bool)] = 0,
+    crops: Annotated[Literal[0, 1, 5], _NotBool()] = 0,
     crop_fraction: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] = 0.9,
     scales: list[Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]] = [],  # noqa: B006
     combine: Literal["probs", "logits"] = "probs",
