@@ -38,6 +38,7 @@ def build_splits(recipe: Recipe, reg: Registry, *, check_files: bool = True,
         skip_missing=d.skip_missing,
         max_train_per_class=d.max_train_per_class,
         check_files=check_files,
+        keep_decoded=d.cache_images,  # the check decodes every image anyway: the cache reuses them
     )
 
 
@@ -90,8 +91,8 @@ class Built:
 
 
 def eval_loader(samples, pre: Preprocessing, num_aus: int, batch_size: int, workers: int, pin: bool,
-                cache: bool = False) -> torch.utils.data.DataLoader:
-    ds = ImageDataset(samples, eval_transform(pre), pre.channels, num_aus, cache=cache)
+                cache: bool = False, decoded=None) -> torch.utils.data.DataLoader:
+    ds = ImageDataset(samples, eval_transform(pre), pre.channels, num_aus, cache=cache, decoded=decoded)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin)
 
 
@@ -124,14 +125,15 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     workers = resolve_workers(t.num_workers, device)
     pin = device.type == "cuda" if t.pin_memory == "auto" else bool(t.pin_memory)
     num_aus = len(splits.au_names)
-    train_ds = ImageDataset(splits.train, augmenter, pre.channels, num_aus, cache=recipe.data.cache_images)
+    train_ds = ImageDataset(splits.train, augmenter, pre.channels, num_aus, cache=recipe.data.cache_images,
+                            decoded=splits.decoded)
     train_loader = EpochSeededLoader(
         train_ds, batch_size=t.batch_size, shuffle=True, num_workers=workers, pin_memory=pin, seed=t.seed,
         drop_last=len(train_ds) > t.batch_size, reseed=augmenter.set_seed if supports(augmenter, Seeded) else None,
         sampler_factory=sampler,
     )
     val_loader = eval_loader(splits.val, pre, num_aus, t.eval_batch_size or 2 * t.batch_size, workers, pin,
-                             cache=recipe.data.cache_images)
+                             cache=recipe.data.cache_images, decoded=splits.decoded)
     # a loss may learn too (e.g. uncertainty task weights): its parameters join the optimizer
     loss_params = list(loss.parameters()) if isinstance(loss, nn.Module) else []
     params = [p for p in [*model.parameters(), *loss_params] if p.requires_grad]

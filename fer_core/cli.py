@@ -136,7 +136,7 @@ def data(
     for i, c in enumerate(splits.classes):
         table.add_row(c, *[str(cnt.get(i, 0)) for cnt in counts])
     table.add_row("total", *[str(sum(cnt.values())) for cnt in counts])
-    stdout.print(table)
+    stdout.print(table, markup=False)  # class and AU names are text: a folder '[happy]' is no markup
     if splits.au_names:
         info = splits.task_info()
         labelled = info.au_labelled
@@ -146,7 +146,7 @@ def data(
         au.add_column("rate", justify="right")
         for name, pos in zip(splits.au_names, info.au_positive_counts):
             au.add_row(name, str(pos), f"{pos / max(labelled, 1):.3f}")
-        stdout.print(au)
+        stdout.print(au, markup=False)
     for note in splits.notes:
         stdout.print(f"note: {note}", markup=False, highlight=False)
     for w in splits.warnings:

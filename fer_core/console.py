@@ -115,7 +115,7 @@ class ProgressBar(Callback):
 
 
 def metrics_tables(m: dict[str, Any], title: str = "validation") -> None:
-    summary = Table(title=f"{title}: {m.get('num_samples', '?')} images")
+    summary = Table(title=Text(f"{title}: {m.get('num_samples', '?')} images"))  # titles name run dirs: no markup
     for col in ("accuracy", "macro-F1", "balanced acc (UAR)"):
         summary.add_column(col, justify="right")
     cols = [f"{m['accuracy']:.4f}", f"{m['macro_f1']:.4f}", f"{m['balanced_accuracy']:.4f}"]

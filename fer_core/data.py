@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -60,14 +61,8 @@ def cap_per_class(samples: Sequence[Sample], cap: int, seed: int) -> list[Sample
 
 #: Largest image (width × height) that is decoded; anything larger is reported as "too large".
 #: PIL's own limit is set to match (it warns above it and refuses above twice it).
-MAX_PIXELS = 40_000_000
+MAX_PIXELS = 100_000_000  # above a 50 MP phone photo, far below a decompression bomb
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
-_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-
-
-class TooLarge(Image.DecompressionBombError):
-    """An image declares more than ``MAX_PIXELS`` pixels (refused before decoding)."""
 
 
 def _decode(data: bytes) -> np.ndarray:
@@ -77,25 +72,22 @@ def _decode(data: bytes) -> np.ndarray:
     alpha and other colour modes become RGB (alpha dropped). Raises on anything that does
     not decode completely (truncated data included)."""
     im = Image.open(io.BytesIO(data))  # reads the header only; a bytes buffer: nothing to close
-    w, h = im.size
-    if w * h > MAX_PIXELS:
-        raise TooLarge(f"{w}×{h} = {w * h:,} pixels, above the limit of {MAX_PIXELS:,} (fer_core.data.MAX_PIXELS)")
+    if im.width * im.height > MAX_PIXELS:
+        raise Image.DecompressionBombError(f"{im.width}×{im.height} = {im.width * im.height:,} pixels")
     im.load()
     try:
         ImageOps.exif_transpose(im, in_place=True)
     except Exception:  # noqa: BLE001 - unreadable EXIF metadata: the pixels are fine, keep them as stored
         pass
-    mode = im.mode
-    if mode in ("L", "RGB"):
+    if im.mode in ("L", "RGB"):
         return np.asarray(im)
-    if mode in _SIXTEEN_BIT:
-        # "I" (32-bit) is how 16-bit grayscale files are read by some Pillow versions: its values
-        # are taken as 16-bit too; 0..65535 → 0..255, rounded
+    if im.mode.startswith("I;16") or im.mode == "I":
+        # "I" (32-bit) is how some Pillow versions read 16-bit grayscale: taken as 16-bit too
         a = np.asarray(im).astype(np.int64).clip(0, 65535)
-        return ((a * 255 + 32767) // 65535).astype(np.uint8)
-    if mode in ("1", "LA", "La", "F"):  # "F" (float) is taken as 0..255 and clipped, as PIL does
+        return ((a * 255 + 32767) // 65535).astype(np.uint8)  # 0..65535 → 0..255, rounded
+    if im.mode in ("1", "LA", "La", "F"):  # "F" (float) is taken as 0..255 and clipped, as PIL does
         return np.asarray(im.convert("L"))
-    if mode in ("P", "PA") and "transparency" in im.info:
+    if im.mode in ("P", "PA") and "transparency" in im.info:
         im = im.convert("RGBA")  # palette transparency must go through RGBA (PIL warns otherwise)
     return np.asarray(im.convert("RGB"))
 
@@ -106,9 +98,7 @@ def _to_channels(arr: np.ndarray, channels: int) -> np.ndarray:
         if arr.ndim == 3:  # the luma PIL's convert("L") computes (ITU-R 601-2)
             arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr)).convert("L"))
         return arr[:, :, None]
-    if arr.ndim == 2:  # grayscale replicated to the three channels
-        return np.repeat(arr[:, :, None], 3, axis=2)
-    return arr
+    return np.repeat(arr[:, :, None], 3, axis=2) if arr.ndim == 2 else arr  # grayscale replicated
 
 
 def load_image(path: Path, channels: int) -> np.ndarray:
@@ -128,27 +118,27 @@ class BadImage:
         return f"{self.path} ({self.reason}{': ' + self.detail if self.detail else ''})"
 
 
+_READ_ERRORS = ((FileNotFoundError, "missing"), (IsADirectoryError, "a directory, not a file"),
+                (PermissionError, "permission denied"))
+
+
 def _classify(path: Path, data: bytes | None, e: BaseException) -> BadImage:
-    if isinstance(e, FileNotFoundError):
-        return BadImage(path, "missing")
-    if isinstance(e, IsADirectoryError):
-        return BadImage(path, "a directory, not a file")
-    if isinstance(e, PermissionError):
-        return BadImage(path, "permission denied")
+    for kind, reason in _READ_ERRORS:
+        if isinstance(e, kind):
+            return BadImage(path, reason)
+    msg = str(e)
     if data is None:  # any other error reading the file
-        return BadImage(path, "cannot be read", getattr(e, "strerror", None) or str(e))
+        return BadImage(path, "cannot be read", getattr(e, "strerror", None) or msg)
     if not data:
         return BadImage(path, "empty file")
     if isinstance(e, UnidentifiedImageError):
         return BadImage(path, "not an image", "no image format recognises its contents")
-    if isinstance(e, TooLarge):
-        return BadImage(path, "too large", str(e))
     if isinstance(e, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
-        return BadImage(path, "too large", f"{str(e).split(', could be')[0]} (fer_core.data.MAX_PIXELS)")
-    msg = str(e)
+        size = msg if "×" in msg else f"{int(re.search(r'[0-9]+', msg)[0]):,} pixels"  # PIL's own message
+        return BadImage(path, "too large", f"{size}, above the limit of {MAX_PIXELS:,} (fer_core.data.MAX_PIXELS)")
     if "truncated" in msg:
         return BadImage(path, "truncated", msg)
-    return BadImage(path, "cannot be decoded", f"{type(e).__name__}: {msg}" if msg else type(e).__name__)
+    return BadImage(path, "cannot be decoded", f"{type(e).__name__}: {msg}".rstrip(": "))
 
 
 @dataclass
@@ -162,40 +152,26 @@ class ImageScan:
 
 
 def scan_images(samples: Sequence[Sample], *, keep_decoded: bool = False) -> ImageScan:
-    """Read and fully decode each distinct image once (~2 s for FER2013's 32k 48×48 JPEGs)."""
-    bad: list[BadImage] = []
-    digests: dict[Path, bytes] = {}
-    decoded: dict[Path, np.ndarray] | None = {} if keep_decoded else None
-    seen: set[Path] = set()
+    """Read and fully decode each distinct image once (~2 s for FER2013's 32k 48×48 JPEGs on
+    one core; a thread pool is slower there: the GIL dominates for such small images)."""
+    scan = ImageScan([], {}, {} if keep_decoded else None)
     with warnings.catch_warnings():
         # PIL warns (rather than refuses) between MAX_IMAGE_PIXELS and twice it: make that an error
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        for s in samples:
-            if s.path in seen:
-                continue
-            seen.add(s.path)
+        for path in dict.fromkeys(s.path for s in samples):
             data = None
             try:
-                data = s.path.read_bytes()
+                data = path.read_bytes()
                 arr = _decode(data)
             except MemoryError:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure to decode a file is that file's fault
-                bad.append(_classify(s.path, data, e))
+                scan.bad.append(_classify(path, data, e))
                 continue
-            digests[s.path] = hashlib.blake2b(data, digest_size=16).digest()
-            if decoded is not None:
-                decoded[s.path] = arr
-    return ImageScan(bad, digests, decoded)
-
-
-def unreadable(samples: Sequence[Sample]) -> list[tuple[Path, str]]:
-    """Images that are missing or do not fully decode, with the reason."""
-    return [(b.path, f"{b.reason}: {b.detail}" if b.detail else b.reason) for b in scan_images(samples).bad]
-
-
-def _by_reason(bad: Sequence[BadImage]) -> Counter[str]:
-    return Counter(b.reason for b in bad)
+            scan.digests[path] = hashlib.blake2b(data, digest_size=16).digest()
+            if scan.decoded is not None:
+                scan.decoded[path] = arr
+    return scan
 
 
 def _counts_text(counts: Counter[str]) -> str:
@@ -204,16 +180,15 @@ def _counts_text(counts: Counter[str]) -> str:
 
 def _apply_check(samples: Sequence[Sample], bad: Sequence[BadImage], skip_missing: bool
                  ) -> tuple[list[Sample], Counter[str]]:
+    counts = Counter(b.reason for b in bad)
     if bad and not skip_missing:
         shown = "; ".join(str(b) for b in bad[:10])
         more = f" … and {len(bad) - 10} more" if len(bad) > 10 else ""
-        why = f" [{_counts_text(_by_reason(bad))}]" if len(bad) > 1 else ""
-        raise FerError(
-            f"{len(bad)} image(s) missing or unreadable{why}: {shown}{more} "
-            f"(set data.skip_missing = true to skip and count them)"
-        )
+        why = f" [{_counts_text(counts)}]" if len(bad) > 1 else ""
+        raise FerError(f"{len(bad)} image(s) missing or unreadable{why}: {shown}{more} "
+                       f"(set data.skip_missing = true to skip and count them)")
     gone = {b.path for b in bad}
-    return [s for s in samples if s.path not in gone], _by_reason(bad)
+    return [s for s in samples if s.path not in gone], counts
 
 
 def check_images(samples: Sequence[Sample], skip_missing: bool) -> tuple[list[Sample], Counter[str]]:
@@ -255,27 +230,21 @@ class Splits:
         )
 
 
-def _duplicate_warning(train: Sequence[Sample], val: Sequence[Sample], digests: Mapping[Path, bytes]) -> str | None:
+def _split_warnings(classes: Sequence[str], train: Sequence[Sample], val: Sequence[Sample],
+                    digests: Mapping[Path, bytes]) -> list[str]:
+    out = []
     first_train: dict[bytes, Path] = {}
     for s in train:
-        d = digests.get(s.path)
-        if d is not None:
-            first_train.setdefault(d, s.path)
-    pairs = [(first_train[d], s.path) for s in val if (d := digests.get(s.path)) is not None and d in first_train]
-    if not pairs:
-        return None
-    shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3])
-    more = ", …" if len(pairs) > 3 else ""
-    return (f"{len(pairs)} validation image(s) are exact copies of training images (same file content), "
-            f"so validation scores are optimistic; e.g. {shown}{more}")
-
-
-def _class_warnings(classes: Sequence[str], train: Sequence[Sample], val: Sequence[Sample]) -> list[str]:
-    out = []
+        if s.path in digests:
+            first_train.setdefault(digests[s.path], s.path)
+    pairs = [(first_train[d], s.path) for s in val if (d := digests.get(s.path)) in first_train]
+    if pairs:
+        shown = "; ".join(f"{a} = {b}" for a, b in pairs[:3]) + (", …" if len(pairs) > 3 else "")
+        out.append(f"{len(pairs)} validation image(s) are exact copies of training images (same file content), "
+                   f"so validation scores are optimistic; e.g. {shown}")
     for split, samples in (("training", train), ("validation", val)):
         counts = Counter(s.label for s in samples)
-        empty = [c for i, c in enumerate(classes) if not counts.get(i)]
-        if empty:
+        if empty := [c for i, c in enumerate(classes) if not counts.get(i)]:
             out.append(f"{len(empty)} class(es) have no {split} images: {', '.join(empty)}")
     return out
 
@@ -308,7 +277,7 @@ def make_splits(
     train = cap_per_class(train, max_train_per_class, seed)
     found: list[str] = []
     by_reason: Counter[str] = Counter()
-    decoded = None
+    scan = ImageScan([], {})
     if check_files:
         scan = scan_images(train + val, keep_decoded=keep_decoded)
         kept, by_reason = _apply_check(train + val, scan.bad, skip_missing)
@@ -318,18 +287,14 @@ def make_splits(
         if by_reason:
             found.append(f"skipped {sum(by_reason.values())} image(s) that cannot be used "
                          f"(data.skip_missing = true): {_counts_text(by_reason)}")
-        dup = _duplicate_warning(train, val, scan.digests)
-        if dup:
-            found.append(dup)
-        decoded = scan.decoded
     if not train:
         raise FerError("data: the training split is empty")
     if not val:
         raise FerError("data: the validation split is empty")
-    found += _class_warnings(source.classes, train, val)
+    found += _split_warnings(source.classes, train, val, scan.digests)
     return Splits(source.classes, source.au_names, train, val, skipped=sum(by_reason.values()),
                   notes=tuple(source.notes), warnings=tuple(found), skipped_by_reason=dict(by_reason),
-                  decoded=decoded)
+                  decoded=scan.decoded)
 
 
 class ImageDataset(Dataset):
@@ -353,10 +318,8 @@ class ImageDataset(Dataset):
         self._cache: list[np.ndarray] | None = None
         if cache:
             got = decoded or {}
-            self._cache = [
-                _to_channels(got[s.path], channels) if s.path in got else load_image(s.path, channels)
-                for s in self.samples
-            ]
+            self._cache = [_to_channels(got[s.path], channels) if s.path in got else load_image(s.path, channels)
+                           for s in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -387,6 +350,7 @@ def eval_transform(pre: Preprocessing) -> Callable[[np.ndarray], torch.Tensor]:
             # bilinear without antialiasing, half-pixel centres: cv2.INTER_LINEAR (the resize
             # albumentations' Resize uses in training) up to its uint8 rounding (≤ 1 grey level)
             t = F.interpolate(t[None], size=(h, w), mode="bilinear", align_corners=False, antialias=False)[0]
+            t = t.round_().clamp_(0, 255)  # whole grey levels, like the uint8 images training resizes
         t = t.div_(255.0)
         return (t - mean) / std
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import dist
 from .data import EpochSeededLoader, derive_seed, seed_everything
-from .errors import FerError, NonFiniteLossError
+from .errors import NonFiniteLossError
 from .hardware import Precision, autocast, to_device
 from .interfaces import Batch, Callback, Loss, RunInfo
 from .metrics import metrics_from_predictions
@@ -197,12 +197,7 @@ class Engine:
                 train_logs = self._train_epoch(epoch)
                 self._emit("on_validation_start", epoch)
                 report = self.validate()
-                if self.cfg.monitor not in report or not isinstance(report[self.cfg.monitor], (int, float)):
-                    raise FerError(
-                        f"train.monitor: metric '{self.cfg.monitor}' is not produced; "
-                        f"available: {', '.join(k for k, v in report.items() if isinstance(v, float))}"
-                    )
-                score = float(report[self.cfg.monitor])
+                score = float(report[self.cfg.monitor])  # a name it does not produce is refused before epoch 1 (runner)
                 row = {"epoch": epoch, **train_logs, **{f"val_{k}": float(v) for k, v in report.items()
                                                          if isinstance(v, float)}}
                 self.state.epoch = epoch

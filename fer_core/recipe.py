@@ -280,8 +280,11 @@ def validate_data(raw: dict[str, Any], source: str) -> DataOnly:
 
 def check_any(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """`fer recipe check`: a training recipe, or any recipe a plugin claims (ensembles)."""
-    disabled = raw.get("plugins", {}).get("disable", []) if isinstance(raw.get("plugins"), dict) else []
-    claimed = get_registry(disabled if isinstance(disabled, list) else []).pm.hook.validate_recipe(raw=raw, source=source)
+    try:
+        disabled = PluginsSection.model_validate(raw.get("plugins", {})).disable
+    except ValidationError as e:
+        raise FerError(f"{source}: plugins.{_describe(e.errors()[0], raw, PluginsSection)}") from None
+    claimed = get_registry(disabled).pm.hook.validate_recipe(raw=raw, source=source)
     if claimed is not None:
         return claimed
     return resolved(validate(raw, source))

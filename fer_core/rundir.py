@@ -62,9 +62,12 @@ class RunDir:
         if not path.is_file():
             return default
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise FerError(f"{path}: not valid JSON ({e}); restore it or remove the file") from None
+        if default is not None and not isinstance(obj, type(default)):  # e.g. a list where a dict belongs
+            raise FerError(f"{path}: expected a JSON {type(default).__name__}, not {type(obj).__name__}; restore or remove it")
+        return obj
 
     def status(self) -> dict[str, Any]:
         return self.read_json(self.STATUS, {}) or {}

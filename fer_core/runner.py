@@ -98,10 +98,6 @@ def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[st
     reg = get_registry(recipe.plugins.disable)
     built = build_all(recipe, reg)
     _check_monitor(recipe, built.splits.au_names, "au" in built.model.heads)
-    # only now, with everything validated and built, does the directory change
-    rd.write_text(RunDir.RECIPE, dump_toml(resolved_recipe))
-    for key, (old, new) in changes.items():
-        rd.log_resume(f"{key}: {old!r} -> {new!r} (overrides: {' '.join(overrides)})")
     run = RunInfo(out_dir=out, recipe=resolved_recipe, classes=list(built.splits.classes),
                   resumed=resuming, plugin_versions=reg.versions())
     t = recipe.train
@@ -118,8 +114,16 @@ def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[st
         finalize=lambda final: _write_results(rd, recipe, reg, final, engine),
     )
     if resuming and rd.has_checkpoint():
-        engine.restore(rd.load(RunDir.LAST, built.device))
+        try:
+            engine.restore(rd.load(RunDir.LAST, built.device))
+        except (KeyError, RuntimeError, ValueError) as e:  # a torch file, but not this run's state
+            raise FerError(f"{rd / RunDir.LAST}: not a checkpoint of this run ({type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0][:200]})") from None
         console.print(f"resuming {out} after epoch {engine.state.epoch}/{t.epochs}", markup=False)
+    # only now, with everything validated, built and restored (a garbage last.pt), does the directory change
+    rd.write_text(RunDir.RECIPE, dump_toml(resolved_recipe))
+    for key, (old, new) in changes.items():
+        rd.log_resume(f"{key}: {old!r} -> {new!r} (overrides: {' '.join(overrides)})")
     skipped = built.splits.skipped
     console.print(
         f"{recipe.name}: {len(built.splits.train)} train / {len(built.splits.val)} val images, "

@@ -156,6 +156,18 @@ def test_eval_of_a_directory_that_is_not_a_run(sentinel_out):
     assert_untouched(before, sentinel_out, may_appear=set())
 
 
+def test_resume_of_a_run_whose_last_checkpoint_is_not_its_own(tmp_path, trained):
+    """A readable torch file that is not this run's state: refused before recipe.toml, resume.log
+    or run.json change (the resume also asks for a change that would be logged)."""
+    import torch
+
+    run = copy_run(trained, tmp_path / "run")
+    torch.save({"format_version": 1, "model": {}}, run / "last.pt")
+    before = snapshot(run)
+    error_line(fer("run", "--resume", run, "-o", "name=renamed"), str(run / "last.pt"), "not a checkpoint of this run")
+    assert_untouched(before, run)
+
+
 def test_eval_of_a_run_whose_best_checkpoint_is_garbage(tmp_path, trained):
     run = copy_run(trained, tmp_path / "run")
     (run / "best.pt").write_bytes(os.urandom(4096))
@@ -192,15 +204,14 @@ def test_a_corrupt_mlflow_store(tmp_path, base, sentinel_out):
     db = tmp_path / "garbage.db"
     db.write_bytes(b"this is not a sqlite database\x00\xff" * 100)
     before_db = db.read_bytes()
-    run_fails(base, sentinel_out, f"sqlite:///{db}", "-o tracking.enabled=false", overrides=_tracking(f"sqlite:///{db}"),
-              alone=False)
+    run_fails(base, sentinel_out, f"sqlite:///{db}", "not an SQLite database", "-o tracking.enabled=false",
+              overrides=_tracking(f"sqlite:///{db}"))
     assert db.read_bytes() == before_db
-    assert not (sentinel_out / "last.pt").exists()
 
 
 def test_an_mlflow_store_in_a_missing_directory(tmp_path, base, sentinel_out):
     uri = f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'mlflow.db'}"
-    run_fails(base, sentinel_out, uri, "does not exist", overrides=_tracking(uri), alone=False)
+    run_fails(base, sentinel_out, uri, "does not exist", "-o tracking.enabled=false", overrides=_tracking(uri))
     assert not (tmp_path / "no").exists()
 
 
@@ -208,7 +219,7 @@ def test_an_unreachable_mlflow_server_fails_fast(base, sentinel_out):
     uri = f"http://127.0.0.1:{free_port()}"
     before = snapshot(sentinel_out)
     r = fer("run", base, "--out", sentinel_out, *[a for o in _tracking(uri) for a in ("-o", o)])
-    error_line(r, uri, "-o tracking.enabled=false", alone=False)
+    error_line(r, uri, "not reachable", "-o tracking.enabled=false")
     assert r.wall < 30, f"took {r.wall:.0f}s to notice that nothing listens at {uri}"
     assert_untouched(before, sentinel_out)
 

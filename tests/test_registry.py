@@ -120,7 +120,9 @@ def test_two_distributions_claiming_one_name_is_an_error_naming_both(tmp_path, m
 def test_factory_signature_is_the_recipe_schema():
     reg = get_registry()
     comp = reg.get("head", "mlp", "model.heads.emotion")
-    assert comp.validate({"hidden": "128"}, "h") == {"hidden": 128, "dropout": 0.3, "activation": "relu"}
+    assert comp.validate({"hidden": 128}, "h") == {"hidden": 128, "dropout": 0.3, "activation": "relu"}
+    with pytest.raises(FerError, match=r"h\.hidden: .*integer"):
+        comp.validate({"hidden": True}, "h")  # a boolean is not a number
     csv = reg.get("dataset", "csv", "data")
     assert csv.validate({"root": "x", "holdout_column": "fold", "holdout_value": 5}, "data")["holdout_value"] == "5"
     with pytest.raises(FerError, match=r"h\.activation: .*'relu' or 'gelu'"):

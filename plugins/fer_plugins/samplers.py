@@ -50,7 +50,11 @@ def make_oversample(labels: list[int], task: TaskInfo, /, *,
         raise FerError(f"sampler.power: must be a finite number >= 0 (got {power})")
     if num_samples < 0:
         raise FerError(f"sampler.num_samples: must be >= 0, 0 meaning the training set's size (got {num_samples})")
-    return OverSampler(list(labels), power, num_samples)
+    sampler = OverSampler(list(labels), power, num_samples)
+    if not float(sampler.weights.sum()) > 0:  # n_class^-power underflows to 0 for a large power
+        raise FerError(f"sampler.power: {power} makes every sample weight 0 (n_class^-power underflows); "
+                       "1 balances the classes")
+    return sampler
 
 
 @hookimpl

@@ -53,7 +53,6 @@ class MlflowTracker(Callback):
 
     def on_fit_start(self, run: RunInfo) -> None:
         with _store_errors(self.uri), _sqlite_creation_lock(self.uri):
-            check_reachable(self.uri)
             self._start(run)
         run.files["mlflow"] = f"{self.uri} (experiment '{self.experiment}', run {self.run_id})"
 
@@ -132,7 +131,33 @@ class MlflowTracker(Callback):
 def make_mlflow(*, uri: str = "sqlite:///mlflow.db", experiment: str = "fer", run_name: str = "",
                 log_model: bool = True) -> MlflowTracker:
     """`uri`: any MLflow tracking URI (sqlite:///path.db, http://server:5000, ...)."""
+    # checked here, while the recipe is built: a store that cannot work must fail the run before its
+    # directory is written (fit start is too late: a resume would already have rewritten the run's files)
+    check_reachable(uri)
+    check_sqlite_file(uri)
     return MlflowTracker(uri, experiment, run_name, log_model)
+
+
+def check_sqlite_file(uri: str) -> None:
+    """A sqlite store whose directory is missing, or whose file is no SQLite database (without
+    creating anything: the store itself is only opened when training starts)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.parent.is_dir():
+        raise FerError(f"tracking.uri {uri}: directory {db.parent} does not exist; create it, or run without "
+                       "tracking: -o tracking.enabled=false")
+    try:
+        with open(db, "rb") as f:
+            header = f.read(16)
+    except FileNotFoundError:
+        return  # a new store: created at fit start
+    except OSError as e:
+        raise FerError(f"tracking.uri {uri}: cannot read {db} ({e.strerror or e}); fix it, or run without "
+                       "tracking: -o tracking.enabled=false") from None
+    if header and header != b"SQLite format 3\x00":  # an empty file is what sqlite itself creates
+        raise FerError(f"tracking.uri {uri}: {db} is not an SQLite database; move it away, or run without "
+                       "tracking: -o tracking.enabled=false")
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
