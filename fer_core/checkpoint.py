@@ -29,7 +29,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.filename is None:  # write()/fsync() errors (ENOSPC) name no file
+        if isinstance(e, OSError) and e.errno and e.filename is None:  # write()/fsync() (ENOSPC) name no file
             e.filename = str(path)
         raise
 

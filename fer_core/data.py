@@ -216,18 +216,10 @@ class Splits:
 
     def task_info(self) -> TaskInfo:
         counts = Counter(s.label for s in self.train)
-        au_pos = [0] * len(self.au_names)
-        for s in self.train:
-            if s.au is not None:
-                for i, v in enumerate(s.au):
-                    au_pos[i] += int(v > 0.5)
-        return TaskInfo(
-            classes=list(self.classes),
-            class_counts=[counts.get(i, 0) for i in range(len(self.classes))],
-            au_names=list(self.au_names),
-            au_positive_counts=au_pos,
-            au_labelled=sum(1 for s in self.train if s.au is not None),
-        )
+        labelled = [s.au for s in self.train if s.au is not None]
+        return TaskInfo(classes=list(self.classes), class_counts=[counts.get(i, 0) for i in range(len(self.classes))],
+                        au_names=list(self.au_names), au_labelled=len(labelled),
+                        au_positive_counts=[sum(int(a[i] > 0.5) for a in labelled) for i in range(len(self.au_names))])
 
 
 def _split_warnings(classes: Sequence[str], train: Sequence[Sample], val: Sequence[Sample],
@@ -249,18 +241,9 @@ def _split_warnings(classes: Sequence[str], train: Sequence[Sample], val: Sequen
     return out
 
 
-def make_splits(
-    source: DataSource,
-    *,
-    train_split: str,
-    val_split: str,
-    val_fraction: float,
-    seed: int,
-    skip_missing: bool,
-    max_train_per_class: int = 0,
-    check_files: bool = True,
-    keep_decoded: bool = False,
-) -> Splits:
+def make_splits(source: DataSource, *, train_split: str, val_split: str, val_fraction: float, seed: int,
+                skip_missing: bool, max_train_per_class: int = 0, check_files: bool = True,
+                keep_decoded: bool = False) -> Splits:
     """Train/val samples whose images all decode, and warnings about the split.
 
     ``check_files``: decode every image (and look for exact duplicates between train and val);
@@ -300,15 +283,8 @@ def make_splits(
 class ImageDataset(Dataset):
     """Samples → dict items. Transforms take an H×W×C uint8 array, return C×H×W float."""
 
-    def __init__(
-        self,
-        samples: Sequence[Sample],
-        transform: Callable[[np.ndarray], torch.Tensor],
-        channels: int,
-        num_aus: int = 0,
-        cache: bool = False,
-        decoded: Mapping[Path, np.ndarray] | None = None,
-    ) -> None:
+    def __init__(self, samples: Sequence[Sample], transform: Callable[[np.ndarray], torch.Tensor], channels: int,
+                 num_aus: int = 0, cache: bool = False, decoded: Mapping[Path, np.ndarray] | None = None) -> None:
         """``cache``: decode every image once, now; ``decoded``: images already decoded
         (``Splits.decoded``), used for the cache instead of reading those files again."""
         self.samples = list(samples)

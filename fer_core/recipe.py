@@ -14,7 +14,7 @@ from pydantic_core import PydanticCustomError
 
 from .errors import FerError
 from .kinds import BY_NAME
-from .registry import Registry, get_registry
+from .registry import Registry, get_registry, pydantic_error
 
 
 def _default(kind: str, **params: Any) -> Any:
@@ -182,7 +182,8 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise FerError(f"{path}: nested too deeply to be a recipe") from None
 
 
-def _describe(err: dict[str, Any], raw: dict[str, Any], model: type[BaseModel]) -> str:
+def _describe(e: ValidationError, raw: dict[str, Any], model: type[BaseModel]) -> str:
+    err = e.errors()[0]
     loc = [str(x) for x in err["loc"]]
     key = ".".join(loc)
     if err["type"] == "extra_forbidden":
@@ -196,8 +197,10 @@ def _describe(err: dict[str, Any], raw: dict[str, Any], model: type[BaseModel]) 
         close = difflib.get_close_matches(loc[-1], options, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"{key}: unknown key{hint}"
-    got = err.get("input")
-    return f"{key}: {err['msg']} (got {got!r})" if err["type"] != "missing" else f"{key}: required key is missing"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    key, msg, got = pydantic_error(e, raw)
+    return f"{key}: {msg} (got {got!r})"
 
 
 def validate(raw: dict[str, Any], source: str, registry: Registry | None = None) -> Recipe:
@@ -205,7 +208,7 @@ def validate(raw: dict[str, Any], source: str, registry: Registry | None = None)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise FerError(f"{source}: {_describe(e.errors()[0], raw, Recipe)}") from None
+        raise FerError(f"{source}: {_describe(e, raw, Recipe)}") from None
     reg = registry or get_registry(recipe.plugins.disable)
     try:
         check_components(recipe, reg)
@@ -267,7 +270,7 @@ def validate_data(raw: dict[str, Any], source: str) -> DataOnly:
     try:
         rec = DataOnly.model_validate(raw)
     except ValidationError as e:
-        raise FerError(f"{source}: {_describe(e.errors()[0], raw, DataOnly)}") from None
+        raise FerError(f"{source}: {_describe(e, raw, DataOnly)}") from None
     reg = get_registry(rec.plugins.disable)
     try:
         values = reg.validate("dataset", rec.data.spec(), "data")
@@ -283,7 +286,7 @@ def check_any(raw: dict[str, Any], source: str) -> dict[str, Any]:
     try:
         disabled = PluginsSection.model_validate(raw.get("plugins", {})).disable
     except ValidationError as e:
-        raise FerError(f"{source}: plugins.{_describe(e.errors()[0], raw, PluginsSection)}") from None
+        raise FerError(f"{source}: plugins.{_describe(e, raw.get('plugins', {}), PluginsSection)}") from None
     claimed = get_registry(disabled).pm.hook.validate_recipe(raw=raw, source=source)
     if claimed is not None:
         return claimed

@@ -64,10 +64,8 @@ class Component:
         try:
             values = dict(model(**params))
         except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(x) for x in err["loc"])
-            got = err.get("input")
-            raise FerError(f"{where}.{loc}: {err['msg']} (got {got!r})") from None
+            key, msg, got = pydantic_error(e, params)
+            raise FerError(f"{where}.{key}: {msg} (got {got!r})") from None
         return values
 
     def describe(self) -> list[dict[str, str]]:
@@ -76,6 +74,28 @@ class Component:
         return [{"key": n, "type": _type_text(hints.get(n, p.annotation)),
                  "default": "(required)" if p.default is p.empty else repr(p.default)}
                 for n, p in self.params().items()]
+
+
+def pydantic_error(e: ValidationError, data: Any) -> tuple[str, str, Any]:
+    """(key path, message, got) of a validation error as a recipe names it: union-member labels
+    ('list[constrained-float]') dropped, list indices as [i], the messages of a union's members
+    for one value joined with "or"."""
+    def path(loc: tuple[Any, ...]) -> str:
+        parts: list[str] = []
+        node = data
+        for x in loc:
+            if isinstance(node, (list, tuple)) and isinstance(x, int) and parts:
+                parts[-1] += f"[{x}]"
+                node = node[x] if -len(node) <= x < len(node) else None
+            elif isinstance(node, dict) or (node is None and not parts):
+                parts.append(str(x))
+                node = node.get(x) if isinstance(node, dict) else None
+        return ".".join(parts)
+
+    errs = e.errors()
+    key = path(errs[0]["loc"])
+    msgs = list(dict.fromkeys(x["msg"] for x in errs if path(x["loc"]) == key))
+    return key, msgs[0] + "".join(", or " + m.removeprefix("Input should be ") for m in msgs[1:]), errs[0].get("input")
 
 
 def _type_text(ann: Any) -> str:

@@ -13,7 +13,7 @@ import json
 import os
 import socket
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -113,15 +113,12 @@ class RunDir:
 
     def clean_stale_tmp(self) -> int:
         """Remove temporary files left by writes that were killed (older than a minute)."""
-        n = 0
-        now = time.time()
+        n, now = 0, time.time()
         for p in self.path.glob(".*.tmp"):
-            try:
+            with suppress(OSError):  # gone already, or not ours to remove: not worth failing a run over
                 if now - p.stat().st_mtime > self.STALE_TMP_SECONDS:
                     p.unlink()
                     n += 1
-            except OSError:
-                pass
         return n
 
     # ------------------------------------------------------------------ ownership

@@ -10,7 +10,7 @@ from typing import Any
 
 from . import dist
 from .build import build_all
-from .console import ProgressBar, console
+from .console import ProgressBar, console, warn
 from .engine import Engine, EngineConfig
 from .errors import FerError
 from .interfaces import RunInfo
@@ -117,8 +117,7 @@ def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[st
         try:
             engine.restore(rd.load(RunDir.LAST, built.device))
         except (KeyError, RuntimeError, ValueError) as e:  # a torch file, but not this run's state
-            raise FerError(f"{rd / RunDir.LAST}: not a checkpoint of this run ({type(e).__name__}: "
-                           f"{(str(e).splitlines() or [''])[0][:200]})") from None
+            raise FerError(f"{rd / RunDir.LAST}: not a checkpoint of this run ({type(e).__name__}: {str(e)[:200]})") from None
         console.print(f"resuming {out} after epoch {engine.state.epoch}/{t.epochs}", markup=False)
     # only now, with everything validated, built and restored (a garbage last.pt), does the directory change
     rd.write_text(RunDir.RECIPE, dump_toml(resolved_recipe))
@@ -130,6 +129,8 @@ def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[st
         f"{len(built.splits.classes)} classes; device {built.device}, precision {built.precision.name} "
         f"({built.precision.reason}), channels_last {built.channels_last}; run dir {out}"
         + (f"; skipped {skipped} unreadable image(s)" if skipped else ""), markup=False, highlight=False)
+    for w in built.splits.warnings:  # duplicates across train/val, empty classes, skipped images
+        warn(w)
     rd.write_status(status="running", device=str(built.device), precision=built.precision.name,
                     precision_reason=built.precision.reason, skipped_images=skipped,
                     started=dt.datetime.now().isoformat(timespec="seconds"),

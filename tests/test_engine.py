@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 
 import pytest
@@ -119,11 +120,12 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     good = target.read_bytes()
 
     def broken_fsync(fd):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match="No space left") as e:
         checkpoint.save(target, {"x": torch.zeros(3)})
+    assert e.value.filename == str(target)  # the one-line message can name the file
     assert target.read_bytes() == good
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp file left behind
 

@@ -139,25 +139,27 @@ def make_mlflow(*, uri: str = "sqlite:///mlflow.db", experiment: str = "fer", ru
 
 
 def check_sqlite_file(uri: str) -> None:
-    """A sqlite store whose directory is missing, or whose file is no SQLite database (without
-    creating anything: the store itself is only opened when training starts)."""
+    """A sqlite store in a missing or unwritable directory, or whose file is unwritable or no
+    SQLite database, without creating anything (the store is opened when training starts)."""
     if not uri.startswith("sqlite:///"):
         return
     db = Path(uri.removeprefix("sqlite:///"))
+    fix = "; fix it, or run without tracking: -o tracking.enabled=false"
     if not db.parent.is_dir():
-        raise FerError(f"tracking.uri {uri}: directory {db.parent} does not exist; create it, or run without "
-                       "tracking: -o tracking.enabled=false")
+        raise FerError(f"tracking.uri {uri}: directory {db.parent} does not exist" + fix)
+    # sqlite writes a journal beside the database: the directory must be writable too
+    unwritable = [p for p in (db.parent, db) if p.exists() and not os.access(p, os.W_OK)]
+    if unwritable:
+        raise FerError(f"tracking.uri {uri}: {unwritable[0]} is not writable" + fix)
     try:
         with open(db, "rb") as f:
             header = f.read(16)
     except FileNotFoundError:
-        return  # a new store: created at fit start
+        return  # a new store
     except OSError as e:
-        raise FerError(f"tracking.uri {uri}: cannot read {db} ({e.strerror or e}); fix it, or run without "
-                       "tracking: -o tracking.enabled=false") from None
+        raise FerError(f"tracking.uri {uri}: cannot read {db} ({e.strerror or e})" + fix) from None
     if header and header != b"SQLite format 3\x00":  # an empty file is what sqlite itself creates
-        raise FerError(f"tracking.uri {uri}: {db} is not an SQLite database; move it away, or run without "
-                       "tracking: -o tracking.enabled=false")
+        raise FerError(f"tracking.uri {uri}: {db} is not an SQLite database" + fix)
 
 
 def check_reachable(uri: str, timeout: float = 3.0) -> None:
