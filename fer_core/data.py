@@ -23,20 +23,23 @@ from .interfaces import DataSource, Preprocessing, Sample, TaskInfo
 
 
 def stratified_split(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
-    """Hold out ``fraction`` of every class (at least one image of classes with ≥ 2)."""
-    by_class: dict[int, list[Sample]] = {}
-    for s in samples:
-        by_class.setdefault(s.label, []).append(s)
-    rng = random.Random(seed)
-    train, val = [], []
-    for label in sorted(by_class):
-        items = sorted(by_class[label], key=lambda s: str(s.path))
+    """Hold out ``fraction`` of every class (at least one image of classes with ≥ 2). Samples with
+    groups: scikit-learn's StratifiedGroupKFold(round(1/fraction)), first fold = validation, so no
+    group is on both sides (an ungrouped sample is a group of its own)."""
+    if any(s.group is not None for s in samples):
+        from sklearn.model_selection import StratifiedGroupKFold
+
+        groups = [s.group if s.group is not None else f"\0{i}" for i, s in enumerate(samples)]
+        if (k := min(max(2, round(1 / fraction)), len(set(groups)))) < 2:
+            raise FerError("data: a group-aware validation split needs at least 2 groups")
+        cv = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+        tr, va = next(cv.split(groups, [s.label for s in samples], groups))
+        return [samples[i] for i in tr], [samples[i] for i in va]
+    rng, train, val = random.Random(seed), [], []
+    for label in sorted({s.label for s in samples}):
+        items = sorted((s for s in samples if s.label == label), key=lambda s: str(s.path))
         rng.shuffle(items)
-        n_val = int(round(len(items) * fraction))
-        if len(items) >= 2:
-            n_val = min(max(n_val, 1), len(items) - 1)
-        else:
-            n_val = 0
+        n_val = min(max(int(round(len(items) * fraction)), 1), len(items) - 1) if len(items) >= 2 else 0
         val.extend(items[:n_val])
         train.extend(items[n_val:])
     return train, val

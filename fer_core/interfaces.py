@@ -94,6 +94,7 @@ class Sample:
     path: Path
     label: int
     au: tuple[float, ...] | None = None  # 0/1 per AU name, or None when the image has no AU labels
+    group: str | None = None  # e.g. the subject: the core's holdout (and cv folds) keep a group on one side
 
 
 @dataclass

@@ -7,13 +7,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import (
-    accuracy_score,
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-)
 
 
 def classification_metrics(
@@ -30,6 +23,10 @@ def classification_metrics(
     ``probs`` is N×C (any scores: argmax is the prediction). Classes absent from ``y_true``
     still get a row (support 0) so that every run of a dataset has the same keys.
     """
+    # scikit-learn loads in ~1 s: only when metrics are computed, not at every `fer` start
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score,
+                                 precision_recall_fscore_support)
+
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(probs).argmax(axis=1)
     labels = list(range(len(classes)))
@@ -57,6 +54,8 @@ def au_metrics(
     au_true: np.ndarray, au_probs: np.ndarray, au_mask: np.ndarray | None, au_names: Sequence[str], threshold: float = 0.5
 ) -> dict[str, Any]:
     """Per-AU F1 over the samples that carry AU labels (mask 1), and their mean."""
+    from sklearn.metrics import f1_score
+
     au_true = np.asarray(au_true) > 0.5
     au_pred = np.asarray(au_probs) >= threshold
     mask = np.ones_like(au_true, dtype=bool) if au_mask is None else np.asarray(au_mask) > 0.5

@@ -70,6 +70,12 @@ def check_dataset(name):
     FerError naming it (real data: tests/test_data_plugins.py)."""
     comp = REG.get("dataset", name, "data")
     example = dict(traits_of(comp.factory).example)
+    wraps = [key for key, kind in traits_of(comp.factory).nested.items() if kind == "dataset"]
+    if wraps:  # a dataset around another (folds): the wrapped reader must name the missing folder
+        with pytest.raises(FerError, match="/nonexistent/fer-contract"):
+            REG.build("dataset", {"plugin": name, **example,
+                                  wraps[0]: {"plugin": "folder", "root": "/nonexistent/fer-contract"}}, "data")
+        return
     if example:
         source = REG.build("dataset", {"plugin": name, **example}, "data")
         assert source.classes and source.splits

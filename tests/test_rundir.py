@@ -31,7 +31,8 @@ def test_a_running_fer_run_holds_its_directory_against_run_and_resume(write_reci
                              cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and not ((out / ".lock").is_file() and (out / ".lock").read_text()):
+        # the lock is taken at once; recipe.toml follows once the data are checked and the model built
+        while time.time() < deadline and not ((out / ".lock").is_file() and (out / "recipe.toml").is_file()):
             time.sleep(0.05)
         assert (out / ".lock").read_text().startswith(f"pid {first.pid} ")
         validate(__import__("tomllib").loads(recipe.read_text()), "warm-up")  # plugin imports are start-up cost

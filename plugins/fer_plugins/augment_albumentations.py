@@ -14,8 +14,6 @@ import inspect
 import warnings
 from typing import Annotated, Any, Callable, Literal
 
-import albumentations as A
-import cv2
 import numpy as np
 import torch
 from pydantic import Field, ValidationError
@@ -23,10 +21,11 @@ from pydantic import Field, ValidationError
 from fer_core.api import FerError, Preprocessing, hookimpl
 from fer_plugins.augment_basic import AlbumentationsAugmenter
 
+
 #: the recipe table this component lives in (errors name keys below it)
 SECTION = "augment"
 
-_BORDERS = {"reflect": cv2.BORDER_REFLECT_101, "constant": cv2.BORDER_CONSTANT, "replicate": cv2.BORDER_REPLICATE}
+_BORDERS = {"reflect": "BORDER_REFLECT_101", "constant": "BORDER_CONSTANT", "replicate": "BORDER_REPLICATE"}  # cv2 names
 
 #: added by the plugin itself, from the model's preprocessing; not allowed in `transforms`
 _RESERVED = {
@@ -41,6 +40,8 @@ _BASES = {"BasicTransform", "BaseCompose", "DualTransform", "ImageOnlyTransform"
 
 def _transform_classes() -> dict[str, type]:
     """Public albumentations transform classes by name (what `transforms[i].name` may be)."""
+    import albumentations as A
+
     out: dict[str, type] = {}
     for n in dir(A):
         obj = getattr(A, n)
@@ -62,6 +63,8 @@ class AlbumentationsPipeline(AlbumentationsAugmenter):
         self.pre = pre
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
+        import cv2
+
         img = image[:, :, None] if image.ndim == 2 else image
         c, want = img.shape[2], self.pre.channels
         if c == 4:
@@ -137,6 +140,8 @@ def _tuples(v: Any) -> Any:
 
 
 def _build_generic(spec: Any, where: str, channels: int, probe_size: tuple[int, int]) -> Any:
+    import albumentations as A
+
     if not isinstance(spec, dict):
         raise FerError(f"{where}: expected a table like {{name = \"CLAHE\", p = 0.5}}, got {spec!r}")
     spec = dict(spec)
@@ -268,6 +273,9 @@ def make_albumentations(
     Grayscale (``pre.channels == 1``): HueSaturationValue is left out of the colour OneOf
     (hue and saturation do not exist for one channel); brightness/contrast stay.
     """
+    import albumentations as A
+    import cv2
+
     h, w = pre.input_size
     channels = pre.channels
     _check_p(hflip=hflip, vflip=vflip, rotate_p=rotate_p, affine_p=affine_p, color_p=color_p,
@@ -277,7 +285,7 @@ def make_albumentations(
                        f"the input size, then randomly cropped to it) (got {crop_scale!r})")
     if blur_limit < 3 or blur_limit % 2 == 0:
         raise FerError(f"{SECTION}.blur_limit: the largest blur kernel must be odd and >= 3 (got {blur_limit!r})")
-    bm = _BORDERS[border]
+    bm = getattr(cv2, _BORDERS[border])
 
     steps: list[Any] = []
     if preset == "strong":

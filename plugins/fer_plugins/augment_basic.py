@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import albumentations as A
 import numpy as np
 import torch
 from pydantic import Field
@@ -28,6 +27,8 @@ class AlbumentationsAugmenter:
 def make_basic(pre: Preprocessing, /, *,
                hflip: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False, strict=True)] = 0.5,
                ) -> AlbumentationsAugmenter:
+    import albumentations as A
+
     h, w = pre.input_size
     return AlbumentationsAugmenter(A.Compose([
         A.Resize(h, w),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
 import torch
 from torch import nn
 
@@ -51,6 +50,8 @@ class TimmBackbone(Backbone):
 
 def _create(name: str, pretrained: bool, in_chans: int, drop_path_rate: float, file: str | None, seed: int,
             input_size: int = 0) -> torch.nn.Module:
+    import timm
+
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -94,6 +95,8 @@ def make_timm_backbone(
 
     `input_size` 0 keeps the model's default; `in_chans` 1 trains on grayscale directly.
     """
+    import timm
+
     if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
         close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
         raise FerError(f"model.backbone.name: unknown timm model '{name}'" + (f"; similar: {', '.join(close)}" if close else ""))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
 from fer_core.api import Backbone, CamTarget, FerError, Preprocessing, hookimpl, traits
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -16,6 +16,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class TorchvisionBackbone(Backbone):
     def __init__(self, model: nn.Module, feature_dim: int, pre: Preprocessing) -> None:
+        import torchvision
+
         super().__init__()
         self.model = model
         self.feature_dim = feature_dim
@@ -26,6 +28,8 @@ class TorchvisionBackbone(Backbone):
         return self.model(images)
 
     def cam_target(self) -> CamTarget | None:
+        import torchvision
+
         m = self.model
         if isinstance(m, torchvision.models.VisionTransformer):
             # the input of the last block's attention: the class token, then the patch grid
@@ -53,6 +57,8 @@ def _strip_classifier(model: nn.Module, name: str) -> int:
 @traits(example={"name": "mobilenet_v2", "input_size": 32})  # the registry contract tests build this tiny model
 def make_torchvision_backbone(*, name: str, pretrained: bool | str = False, input_size: int = 224) -> TorchvisionBackbone:
     """`pretrained`: false, true (torchvision's default weights, downloaded) or a local .pth file."""
+    import torchvision
+
     available = torchvision.models.list_models(module=torchvision.models)
     if name not in available:
         import difflib

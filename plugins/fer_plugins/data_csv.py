@@ -9,7 +9,9 @@ The CSV has a header row. Columns (names are recipe keys):
 - AU columns — ``au_columns = "auto"`` takes every column named ``AU<number>`` in file order;
   cells are 0/1 (``0.0``/``1.0`` too); a row with any empty AU cell has no AU labels (``au=None``).
 
-``holdout_column``/``holdout_value`` re-split the whole file: rows whose ``holdout_column`` equals
+``group_column`` — optional; its cell is each image's group (``Sample.group``, e.g. the subject):
+the core's validation hold-out and ``fer cv`` folds then never put one group on both sides (an
+empty cell: no group). ``holdout_column``/``holdout_value`` re-split the whole file: rows whose ``holdout_column`` equals
 ``holdout_value`` become ``val``, every other row ``train`` (e.g. CK+ subject-independent folds).
 The reader never opens images; the core checks them later.
 """
@@ -65,6 +67,7 @@ def make_csv_dataset(
     label_id_column: str = "label_id",
     holdout_column: str = "",
     holdout_value: str = "",
+    group_column: str = "",
 ) -> DataSource:
     root_dir = _abs(root)
     if not root_dir.is_dir():
@@ -102,6 +105,7 @@ def make_csv_dataset(
     i_label = need(label_column, "label")
     i_split = col.get(split_column) if split_column else None
     i_hold = need(holdout_column, "holdout") if holdout_column else None
+    i_group = need(group_column, "group") if group_column else None
 
     if isinstance(au_columns, str):
         if au_columns.strip() == "auto":
@@ -117,7 +121,7 @@ def make_csv_dataset(
         raise FerError(f"csv dataset: classes has duplicates: {given}")
     i_id = col.get(label_id_column) if (label_id_column and not given) else None
 
-    parsed: list[tuple[int, str, str, str, tuple[float, ...] | None]] = []
+    parsed: list[tuple[int, str, str, str, tuple[float, ...] | None, str | None]] = []
     id_of: dict[str, tuple[int, int]] = {}  # name → (id, first line)
     name_of: dict[int, tuple[str, int]] = {}
     width = len(header)
@@ -167,7 +171,8 @@ def make_csv_dataset(
                 except ValueError:
                     raise FerError(f"{label_file}:{line}: column '{a}': expected 0 or 1 (or empty), got {row[i]!r}") from None
             au = None if any(v is None for v in vals) else tuple(vals)  # type: ignore[arg-type]
-        parsed.append((line, rel, name, split, au))
+        group = (row[i_group].strip() or None) if i_group is not None else None
+        parsed.append((line, rel, name, split, au, group))
 
     if not parsed:
         raise FerError(f"{label_file}: no data rows after the header")
@@ -181,8 +186,9 @@ def make_csv_dataset(
     index = {c: i for i, c in enumerate(class_list)}
 
     splits: dict[str, list[Sample]] = {}
-    for _, rel, name, split, au in parsed:
-        splits.setdefault(split, []).append(Sample(path=Path(os.path.normpath(os.path.join(root_dir, rel))), label=index[name], au=au))
+    for _, rel, name, split, au, group in parsed:
+        path = Path(os.path.normpath(os.path.join(root_dir, rel)))
+        splits.setdefault(split, []).append(Sample(path=path, label=index[name], au=au, group=group))
 
     notes: list[str] = []
     if i_hold is not None:
@@ -198,6 +204,10 @@ def make_csv_dataset(
         missing_au = sum(1 for p in parsed if p[4] is None)
         if missing_au:
             notes.append(f"{label_file}: {missing_au} row(s) with an empty AU cell have no AU labels")
+    if i_group is not None:
+        ungrouped = sum(1 for p in parsed if p[5] is None)
+        notes.append(f"{label_file}: groups from '{group_column}': {len({p[5] for p in parsed} - {None})} distinct"
+                     + (f"; {ungrouped} row(s) with an empty cell have no group" if ungrouped else ""))
 
     sizes = ", ".join(f"{k} {len(v)}" for k, v in splits.items())
     return DataSource(
