@@ -25,7 +25,7 @@ from .predictor import (RunPredictor, adapt_images, calibration_report, class_in
                         evaluate_predictions, guard_not_test, load_predictor, predict, single_image_latency_ms,
                         split_samples)
 from .recipe import Component as RecipeTable
-from .recipe import Recipe, apply_overrides, dump_toml, read_toml, resolved, validate
+from .recipe import Recipe, apply_overrides, dump_toml, read_toml, resolved, validate, validation_message
 from .registry import Registry, get_registry
 from .rundir import RunDir
 from .runner import train

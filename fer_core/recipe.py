@@ -182,10 +182,13 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise FerError(f"{path}: nested too deeply to be a recipe") from None
 
 
-def _describe(e: ValidationError, raw: dict[str, Any], model: type[BaseModel]) -> str:
-    err = e.errors()[0]
+def validation_message(e: ValidationError, raw: Any, model: type[BaseModel]) -> str:
+    """One line for a pydantic error of a TOML table: an unknown key (a typo) first, with "did
+    you mean" and the accepted keys; then a missing key; then a bad value with what was given."""
+    errs = e.errors()
+    err = next((x for x in errs if x["type"] == "extra_forbidden"), errs[0])
     loc = [str(x) for x in err["loc"]]
-    key = ".".join(loc)
+    key = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         # suggest a sibling key of the table that rejected it
         parent: Any = model
@@ -196,7 +199,7 @@ def _describe(e: ValidationError, raw: dict[str, Any], model: type[BaseModel]) -
         options = list(getattr(parent, "model_fields", {}) or [])
         close = difflib.get_close_matches(loc[-1], options, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{key}: unknown key{hint}"
+        return f"{key}: unknown key{hint}" + (f"; accepted: {', '.join(options)}" if options else "")
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     key, msg, got = pydantic_error(e, raw)
@@ -208,7 +211,7 @@ def validate(raw: dict[str, Any], source: str, registry: Registry | None = None)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
-        raise FerError(f"{source}: {_describe(e, raw, Recipe)}") from None
+        raise FerError(f"{source}: {validation_message(e, raw, Recipe)}") from None
     reg = registry or get_registry(recipe.plugins.disable)
     try:
         check_components(recipe, reg)
@@ -270,7 +273,7 @@ def validate_data(raw: dict[str, Any], source: str) -> DataOnly:
     try:
         rec = DataOnly.model_validate(raw)
     except ValidationError as e:
-        raise FerError(f"{source}: {_describe(e, raw, DataOnly)}") from None
+        raise FerError(f"{source}: {validation_message(e, raw, DataOnly)}") from None
     reg = get_registry(rec.plugins.disable)
     try:
         values = reg.validate("dataset", rec.data.spec(), "data")
@@ -286,7 +289,7 @@ def check_any(raw: dict[str, Any], source: str) -> dict[str, Any]:
     try:
         disabled = PluginsSection.model_validate(raw.get("plugins", {})).disable
     except ValidationError as e:
-        raise FerError(f"{source}: plugins.{_describe(e, raw.get('plugins', {}), PluginsSection)}") from None
+        raise FerError(f"{source}: plugins.{validation_message(e, raw.get('plugins', {}), PluginsSection)}") from None
     claimed = get_registry(disabled).pm.hook.validate_recipe(raw=raw, source=source)
     if claimed is not None:
         return claimed

@@ -12,7 +12,6 @@ fitted on the validation split — never on a split named test — and its state
 
 from __future__ import annotations
 
-import difflib
 import json
 import shutil
 import tempfile
@@ -30,7 +29,7 @@ from fer_core.api import (KINDS, FerError, Overrides, Predictor, Preprocessing, 
                           TestTimeAugmentation, apply_overrides, atomic_write_json, atomic_write_text, class_index,
                           classification_metrics, dump_toml, get_registry, guard_not_test, hookimpl, load_predictor,
                           metrics_tables, read_toml, reliability, single_image_latency_ms, softmax, split_samples,
-                          stdout)
+                          stdout, validation_message)
 
 ENSEMBLE_FILE = "ensemble.json"
 #: the ensembler a recipe (or the command line) falls back to
@@ -51,20 +50,6 @@ class EnsembleSpec(BaseModel):
     combiner: RecipeTable = Field(default_factory=lambda: RecipeTable(plugin=DEFAULT_COMBINER))
 
 
-def _pydantic_message(e: ValidationError, model: type[BaseModel]) -> str:
-    """The first problem, an unknown key (a typo) before the missing key it was meant to be."""
-    errors = e.errors()
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])
-    key = ".".join(map(str, err["loc"])) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{key}: unknown key{hint}; accepted: {', '.join(model.model_fields)}"
-    if err["type"] == "missing":
-        return f"{key}: required key is missing"
-    return f"{key}: {err['msg']} (got {err.get('input')!r})"
-
-
 def validate_spec(raw: dict[str, Any], source: str) -> EnsembleSpec:
     """Structure, then the combiner table against its plugin (its defaults filled in, so the
     saved ensemble.toml states every value). A combiner table without ``plugin`` (e.g. only
@@ -76,7 +61,7 @@ def validate_spec(raw: dict[str, Any], source: str) -> EnsembleSpec:
     try:
         spec = EnsembleSpec.model_validate(raw)
     except ValidationError as e:
-        raise FerError(f"{source}: {_pydantic_message(e, EnsembleSpec)}") from None
+        raise FerError(f"{source}: {validation_message(e, raw, EnsembleSpec)}") from None
     try:
         registry = get_registry()
         checked = registry.validate("ensembler", spec.combiner.spec(), "combiner")
@@ -175,7 +160,7 @@ def read_ensemble_file(file: Path) -> EnsembleFile:
     try:
         return EnsembleFile.model_validate(raw)
     except ValidationError as e:
-        raise FerError(f"{file}: not an ensemble written by `fer ensemble`: {_pydantic_message(e, EnsembleFile)}; "
+        raise FerError(f"{file}: not an ensemble written by `fer ensemble`: {validation_message(e, raw, EnsembleFile)}; "
                        "rebuild it with `fer ensemble`") from None
 
 

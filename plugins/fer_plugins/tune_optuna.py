@@ -51,7 +51,7 @@ from rich.text import Text
 
 from fer_core.api import (Callback, FerError, Overrides, RunDir, RunInfo, apply_overrides, atomic_write_bytes,
                           atomic_write_json, atomic_write_text, console, dump_toml, get_registry, hookimpl,
-                          read_toml, resolved, stdout, train, validate, warn)
+                          read_toml, resolved, stdout, train, validate, validation_message, warn)
 
 PRUNING_CALLBACK = "optuna_pruning"
 JOURNAL = "study.journal"
@@ -219,20 +219,6 @@ def assign(raw: dict[str, Any], base: dict[str, Any], parts: list[str | int], va
     node[parts[-1]] = copy.deepcopy(value)
 
 
-def _entry_error(e: ValidationError, key: str, model: type[_Entry]) -> str:
-    errors = e.errors()
-    err = next((x for x in errors if x["type"] == "extra_forbidden"), errors[0])  # a typo before what it misses
-    loc = ".".join(str(x) for x in err["loc"])
-    where = f'tune.space."{key}"' + (f".{loc}" if loc else "")
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(err["loc"][-1]), list(model.model_fields), n=1, cutoff=0.6)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{where}: unknown key{hint}; accepted: {', '.join(model.model_fields)}"
-    if err["type"] == "missing":
-        return f"{where}: required key is missing"
-    return f"{where}: {err['msg']} (got {err.get('input')!r})"
-
-
 def parse_space(space: Any, base: dict[str, Any]) -> dict[str, Param]:
     """Structure, bounds and key paths of ``[tune.space]`` (the recipes each value gives are
     checked by ``check_tune``)."""
@@ -247,7 +233,7 @@ def parse_space(space: Any, base: dict[str, Any]) -> dict[str, Param]:
         try:
             entry = ENTRY_TYPES[spec["type"]].model_validate(spec)
         except ValidationError as e:
-            raise FerError(_entry_error(e, key, ENTRY_TYPES[spec["type"]])) from None
+            raise FerError(f'tune.space."{key}".' + validation_message(e, spec, ENTRY_TYPES[spec["type"]])) from None
         where = f'tune.space."{key}"'
         if isinstance(entry, (FloatRange, IntRange)):
             if not entry.low < entry.high:
