@@ -199,7 +199,7 @@ def validation_message(e: ValidationError, raw: Any, model: type[BaseModel]) -> 
         options = list(getattr(parent, "model_fields", {}) or [])
         close = difflib.get_close_matches(loc[-1], options, n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        return f"{key}: unknown key{hint}" + (f"; accepted: {', '.join(options)}" if options else "")
+        return f"{key}: unknown key{hint}" + (f"; accepted: {', '.join(options)}" if options and not close else "")
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     key, msg, got = pydantic_error(e, raw)
