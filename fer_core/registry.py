@@ -101,6 +101,7 @@ def pydantic_error(e: ValidationError, data: Any) -> tuple[str, str, Any]:
 def _type_text(ann: Any) -> str:
     """``Annotated[float, Field(gt=0)]`` → "float (gt=0)"; generics argument by argument."""
     import dataclasses
+    import types
     import typing
 
     origin, args = typing.get_origin(ann), typing.get_args(ann)
@@ -110,9 +111,10 @@ def _type_text(ann: Any) -> str:
                   for f in dataclasses.fields(m) if f.name != "strict"]
         return _type_text(args[0]) + (f" ({', '.join(ranges)})" if ranges else "")
     if origin is not None and args:
-        name = "|" if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else None
         inner = [_type_text(a) for a in args]
-        return " | ".join(inner) if name else f"{getattr(origin, '__name__', str(origin))}[{', '.join(inner)}]"
+        if origin in (typing.Union, types.UnionType):
+            return " | ".join(inner)
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(inner)}]"
     return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
 
 

@@ -33,7 +33,6 @@ masked out of the AU loss) and a note counts them. With ``use_au = false`` the A
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from typing import Annotated
 from pydantic import Field
 
 from fer_core.api import DataSource, FerError, Sample, hookimpl
+from fer_plugins.data_csv import _abs  # one path rule for every reader: ~ expanded, relative to root
 
 CLASSES = [
     "Happily surprised",
@@ -69,13 +69,6 @@ _INT = re.compile(r"-?[0-9]+")
 @hookimpl
 def register_datasets(register):
     register("rafce", make_rafce_dataset)
-
-
-def _abs(p: str | Path, base: Path | None = None) -> Path:
-    p = Path(p).expanduser()
-    if not p.is_absolute():
-        p = (base if base is not None else Path.cwd()) / p
-    return Path(os.path.abspath(p))
 
 
 def read_lines(path: Path, what: str) -> list[tuple[int, str]]:
