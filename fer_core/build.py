@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import dist
 from .console import console
 from .data import EpochSeededLoader, ImageDataset, Splits, eval_transform, make_splits
 from .errors import FerError
@@ -132,7 +133,8 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
         drop_last=len(train_ds) > t.batch_size, reseed=augmenter.set_seed if supports(augmenter, Seeded) else None,
         sampler_factory=sampler,
     )
-    val_loader = eval_loader(splits.val, pre, num_aus, t.eval_batch_size or 2 * t.batch_size, workers, pin,
+    # under DDP each process predicts every N-th image; the engine gathers them in order (dist.gather_rows)
+    val_loader = eval_loader(splits.val[dist.rank()::dist.world_size()], pre, num_aus, t.eval_batch_size or 2 * t.batch_size, workers, pin,
                              cache=recipe.data.cache_images, decoded=splits.decoded)
     # a loss may learn too (e.g. uncertainty task weights): its parameters join the optimizer
     loss_params = list(loss.parameters()) if isinstance(loss, nn.Module) else []

@@ -72,6 +72,8 @@ def run(
     override: Overrides = None,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/<name>-<time>).")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the run in this directory.")] = None,
+    nproc: Annotated[int, typer.Option("--nproc", help="Train in N processes on this machine (DDP via torchrun; "
+                                       "train.batch_size stays the global batch).")] = 1,
 ) -> None:
     """Train a recipe; writes recipe.toml, checkpoints and metrics.json into the run directory."""
     from .console import metrics_tables, stdout
@@ -79,6 +81,14 @@ def run(
 
     if (recipe is None) == (resume is None):
         raise FerError("give either a RECIPE file or --resume DIR")
+    if nproc < 1:
+        raise FerError(f"--nproc: expected ≥ 1 (got {nproc})")
+    if nproc > 1:
+        from . import dist
+
+        argv = ["run", *([str(recipe)] if recipe else []), *(x for o in override or [] for x in ("-o", o)),
+                *(["--out", str(out)] if out else []), *(["--resume", str(resume)] if resume else [])]
+        raise typer.Exit(dist.launch(nproc, argv))
     out_dir, final = train(recipe, override or [], out, resume)
     metrics_tables(final, title=f"best checkpoint (epoch {final['best_epoch']}) on validation")
     stdout.print(f"run directory: {out_dir}", markup=False, highlight=False)
@@ -247,6 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except BaseException as e:  # noqa: BLE001 - the one error boundary
         msg = user_message(e)
+        if msg is not None and os.environ.get("RANK", "0") != "0":
+            sys.exit(2)  # under torchrun rank 0 meets the same error and reports it
         if msg is None or debug:
             import traceback
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -12,8 +13,9 @@ from rich.text import Text
 
 from .interfaces import Callback, RunInfo
 
-console = Console(stderr=True, soft_wrap=True)
-stdout = Console()
+_QUIET = os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 talks
+console = Console(stderr=True, soft_wrap=True, quiet=_QUIET)
+stdout = Console(quiet=_QUIET)
 
 
 def warn(message: str) -> None:

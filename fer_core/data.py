@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from . import dist
 from .errors import FerError
 from .interfaces import DataSource, Preprocessing, Sample, TaskInfo
 
@@ -358,34 +359,36 @@ class EpochSeededLoader:
     def __len__(self) -> int:
         """Batches per epoch; a sampler may draw more or fewer items than the dataset holds."""
         n = len(self.sampler_factory(self.seed)) if self.sampler_factory else len(self.dataset)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, rest = divmod(n, self.batch_size)
+        return full + int(bool(rest) and not self.drop_last and rest >= dist.world_size())  # see shard_batches
 
     def epoch(self, epoch: int) -> DataLoader:
         epoch_seed = derive_seed(self.seed, epoch)
+        aug_seed = epoch_seed + RANK_SEED_STEP * dist.rank()  # each process augments its own images differently
         g = torch.Generator()
         g.manual_seed(epoch_seed)
         reseed = self.reseed
         if reseed is not None:
-            reseed(epoch_seed)
+            reseed(aug_seed)
 
         def init_worker(worker_id: int) -> None:
-            seed_everything(epoch_seed + 1000 * (worker_id + 1))
+            seed_everything(aug_seed + 1000 * (worker_id + 1))
             if reseed is not None:
-                reseed(epoch_seed + 1000 * (worker_id + 1))
+                reseed(aug_seed + 1000 * (worker_id + 1))
 
         sampler = self.sampler_factory(epoch_seed) if self.sampler_factory else None
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=self.shuffle and sampler is None,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            drop_last=self.drop_last,
-            generator=g,
-            worker_init_fn=init_worker if self.num_workers else None,
-            persistent_workers=False,
-        )
+        common = dict(num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      worker_init_fn=init_worker if self.num_workers else None, persistent_workers=False)
+        if dist.world_size() > 1:
+            # the single-process batches, drawn the same way from the same generator, each split across ranks
+            order = DataLoader(range(len(self.dataset)), batch_size=self.batch_size, shuffle=self.shuffle and sampler is None,
+                               sampler=sampler, drop_last=self.drop_last, generator=g)
+            return DataLoader(self.dataset, batch_sampler=dist.shard_batches(b.tolist() for b in order), **common)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=self.shuffle and sampler is None,
+                          sampler=sampler, drop_last=self.drop_last, generator=g, **common)
+
+
+RANK_SEED_STEP = 104_729
 
 
 def derive_seed(seed: int, epoch: int) -> int:

@@ -3,6 +3,7 @@ atomic checkpoints, exact resume, best-by-metric, early stopping, NaN guard, cal
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from . import dist
-from .data import EpochSeededLoader, derive_seed, seed_everything
+from .data import RANK_SEED_STEP, EpochSeededLoader, derive_seed, seed_everything
 from .errors import NonFiniteLossError
 from .hardware import Precision, autocast, to_device
 from .interfaces import Batch, Callback, Loss, RunInfo
@@ -95,6 +96,11 @@ class Engine:
         if config.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(self.model) if config.compile else self.model
+        self.train_forward: Any = self.forward
+        if dist.world_size() > 1:  # gradients averaged across processes in backward
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.train_forward = DistributedDataParallel(self.model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
 
     # ------------------------------------------------------------------ callbacks
     def _emit(self, hook: str, *args: Any) -> None:
@@ -227,7 +233,8 @@ class Engine:
 
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
-        seed_everything(derive_seed(self.cfg.seed, epoch) + 17)  # dropout etc.: a function of (seed, epoch)
+        # dropout etc.: a function of (seed, epoch, rank)
+        seed_everything(derive_seed(self.cfg.seed, epoch) + 17 + RANK_SEED_STEP * dist.rank())
         loader = self.train_loader.epoch(epoch)
         n_batches = len(self.train_loader)
         accum = self.cfg.accumulate_steps
@@ -238,25 +245,28 @@ class Engine:
             b = to_device(batch, self.device, self.cfg.channels_last)
             for bt in self.batch_transforms:
                 b = bt(b, epoch)
-            with autocast(self.device, self.precision):
-                outputs = self.forward(b["image"])
-                loss, parts = self.loss(outputs, b)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLossError(
-                    f"loss became {loss_value} at epoch {epoch}, batch {i + 1}; stopped. "
-                    + ("The last good " if self.state.epoch else "")
-                    + (f"checkpoint (epoch {self.state.epoch}) is kept in {self.rundir / RunDir.LAST} "
-                       if self.state.epoch else "no checkpoint was written (it failed in the first epoch) ")
-                    + "(lower the learning rate or enable train.clip_grad_norm)"
-                )
-            scaled = loss / accum
-            if self.scaler is not None:
-                self.scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-            last_in_epoch = i + 1 == n_batches
-            if (i + 1) % accum == 0 or last_in_epoch:
+            step_now = (i + 1) % accum == 0 or i + 1 == n_batches
+            # DDP: average gradients across processes only on the micro-batch that steps
+            sync = contextlib.nullcontext() if step_now or self.train_forward is self.forward else self.train_forward.no_sync()
+            with sync:
+                with autocast(self.device, self.precision):
+                    outputs = self.train_forward(b["image"])
+                    loss, parts = self.loss(outputs, b)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLossError(
+                        f"loss became {loss_value} at epoch {epoch}, batch {i + 1}; stopped. "
+                        + ("The last good " if self.state.epoch else "")
+                        + (f"checkpoint (epoch {self.state.epoch}) is kept in {self.rundir / RunDir.LAST} "
+                           if self.state.epoch else "no checkpoint was written (it failed in the first epoch) ")
+                        + "(lower the learning rate or enable train.clip_grad_norm)"
+                    )
+                scaled = loss / accum
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+            if step_now:
                 self._optimizer_step()
             n = b["image"].shape[0]
             total_loss += loss_value * n
@@ -270,10 +280,13 @@ class Engine:
         if self.scheduler is not None and self.scheduler.interval == "epoch":
             self.scheduler.step()
         elapsed = time.perf_counter() - t0
+        total_loss, seen = dist.sum_all([total_loss, float(seen)])  # every process's images
         return {"train_loss": total_loss / max(seen, 1), "lr": self.optimizer.param_groups[0]["lr"],
                 "img_per_s": seen / elapsed if elapsed > 0 else 0.0, "epoch_seconds": elapsed}
 
     def _optimizer_step(self) -> None:
+        if isinstance(self.loss, nn.Module):
+            dist.average_gradients(self.loss.parameters())
         if self.cfg.clip_grad_norm > 0:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -289,12 +302,13 @@ class Engine:
             self.scheduler.step()
 
     def validate(self) -> dict[str, Any]:
-        pred = predict(self.forward, self.val_loader, self.device, self.precision, self.cfg.channels_last)
+        pred = dist.gather_rows(predict(self.forward, self.val_loader, self.device, self.precision, self.cfg.channels_last))
         self.last_predictions = pred  # logits + labels, e.g. for calibration after the final evaluation
         return metrics_from_predictions(pred, self.run.classes, self.au_names)
 
     def final_evaluation(self) -> dict[str, Any]:
         """Metrics of the best checkpoint on the validation split."""
+        dist.barrier()  # rank 0 has written best.pt
         if (self.rundir / RunDir.BEST).is_file():
             self.model.load_state_dict(self.rundir.load(RunDir.BEST, self.device)["model"])
         report = self.validate()

@@ -203,6 +203,10 @@ class RunInfo:
     optimizer: torch.optim.Optimizer | None = None
     #: files the run wrote (name → path), filled as they are written, e.g. for a tracker to log
     files: dict[str, Path] = field(default_factory=dict)
+    #: the group this run is one member of (a study's trial, a cv fold, a seed repeat), for trackers
+    #: to nest it: {"kind": "study"|"cv"|"repeat", "id": absolute path of the group's directory,
+    #: "name": the group's name, "member": this run's name in it (e.g. "trial-0003")}; None: alone
+    group: dict[str, str] | None = None
 
 
 class TestTimeAugmentation(Protocol):

@@ -105,12 +105,3 @@ FerSpecs = type("FerSpecs", (), {
     "register_commands": hookspec(register_commands),
     "validate_recipe": hookspec(firstresult=True)(validate_recipe),
 })
-
-
-def kind_table() -> str:
-    """The kind table of docs/plugins.md (a test keeps the page equal to this)."""
-    rows = ["| kind | hook | factory signature | returns | recipe table | default |", "|---|---|---|---|---|---|"]
-    for k in KINDS:
-        sig = f"f({k.context}, /, **params)" if k.context else "f(**params)"
-        rows.append(f"| {k.name} | `{k.hook}` | `{sig}` | {k.returns} | {k.place or '—'} | {k.default or '—'} |")
-    return "\n".join(rows)

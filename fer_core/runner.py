@@ -68,8 +68,10 @@ def resume_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, t
     return changed
 
 
-def train(recipe_path: Path | None, overrides: list[str], out_dir: Path | None, resume_dir: Path | None) -> tuple[Path, dict[str, Any]]:
-    """Validate everything, then train; returns (run dir, final metrics)."""
+def train(recipe_path: Path | None, overrides: list[str], out_dir: Path | None, resume_dir: Path | None, *,
+          group: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
+    """Validate everything, then train; returns (run dir, final metrics). ``group``: see RunInfo.group."""
+    dist.init()  # under torchrun: join the process group
     if resume_dir is not None:
         rd = RunDir(resume_dir).require_run()
         rpath = rd / RunDir.RECIPE
@@ -80,12 +82,16 @@ def train(recipe_path: Path | None, overrides: list[str], out_dir: Path | None, 
         recipe = validate(apply_overrides(read_toml(recipe_path), overrides), str(recipe_path))
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
             raise FerError(f"--out {out_dir}: exists and is not a directory")
-        rd = RunDir(out_dir or default_out_dir(recipe))
+        rd = RunDir(dist.broadcast(out_dir or default_out_dir(recipe)))  # one directory, named by rank 0's clock
+    n = dist.world_size()
+    if recipe.train.batch_size % n:
+        raise FerError(f"train.batch_size: {recipe.train.batch_size} is the global batch and must divide by the {n} processes")
     with rd.lock():
-        return _train_locked(rd, recipe, resume_dir is not None, overrides)
+        return _train_locked(rd, recipe, resume_dir is not None, overrides, group)
 
 
-def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[str]) -> tuple[Path, dict[str, Any]]:
+def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[str],
+                  group: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
     out = rd.path
     resolved_recipe = resolved(recipe)
     changes: dict[str, tuple[Any, Any]] = {}
@@ -99,7 +105,7 @@ def _train_locked(rd: RunDir, recipe: Recipe, resuming: bool, overrides: list[st
     built = build_all(recipe, reg)
     _check_monitor(recipe, built.splits.au_names, "au" in built.model.heads)
     run = RunInfo(out_dir=out, recipe=resolved_recipe, classes=list(built.splits.classes),
-                  resumed=resuming, plugin_versions=reg.versions())
+                  resumed=resuming, plugin_versions=reg.versions(), group=group)
     t = recipe.train
     engine = Engine(
         model=built.model, loss=built.loss, optimizer=built.optimizer, scheduler=built.scheduler,

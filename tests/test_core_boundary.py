@@ -13,7 +13,9 @@ CORE = REPO / "fer_core"
 #: libraries that belong to techniques, never to the kernel
 FORBIDDEN = {"timm", "torchvision", "albumentations", "mlflow", "optuna", "transformers", "peft", "onnx",
              "onnxruntime", "cv2", "fer_plugins"}
-MAX_CODE_LINES = 2500
+#: issue 9 set 2,500; data-parallel training (dist.py, the engine's DDP path, the sharded loader)
+#: and run groups for trackers added ~90 lines of kernel code in issue 11
+MAX_CODE_LINES = 2600
 
 
 def _imports(path: Path) -> set[str]:
