@@ -18,6 +18,7 @@ rewritten from the records.
 
     .venv/bin/python bench/tuning.py                 # everything, in the order above
     .venv/bin/python bench/tuning.py --threads 1     # leave a core free (the figures do not change)
+    .venv/bin/python bench/tuning.py --study unpruned --threads 1 &   # the other study alongside
     .venv/bin/python bench/tuning.py --report-only
 """
 
@@ -227,8 +228,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=None, help="torch threads per training (default: all cores)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--study", choices=list(STUDIES), help="run only this study (e.g. each study in its own process, "
+                                                           "one thread each, on a 2-core machine)")
     args = ap.parse_args()
-    if not args.report_only:
+    if args.study:
+        run_study(args.study, args.threads)
+    elif not args.report_only:
         steps = [lambda n=n: run_study(n, args.threads) for n in STUDIES]
         steps += [lambda: run_repeat("baseline", REPO / BASELINE, args.threads),
                   lambda: (r := tuned_recipe()) and run_repeat("tuned", r, args.threads)]

@@ -31,6 +31,8 @@ class ProgressBar(Callback):
     #: seconds between bar updates: updating per batch costs ~5% of a fast CPU step
     min_interval = 0.2
     plain_interval = 30.0
+    #: validation accuracy that, in the first fifth of training, suggests a leak between the splits
+    leak_accuracy = 0.98
 
     def __init__(self, epochs: int, live: bool | None = None) -> None:
         self.epochs = epochs
@@ -41,6 +43,7 @@ class ProgressBar(Callback):
         self._num_batches = 0
         self._log: Any = None
         self._epoch_t0 = 0.0
+        self._leak_warned = False
 
     def _line(self, text: str, echo: bool = True) -> None:
         if echo:
@@ -95,11 +98,20 @@ class ProgressBar(Callback):
                    f"lr {logs['lr']:.2e} {logs['img_s']:.0f} img/s elapsed {elapsed:.0f}s eta {eta:.0f}s")
 
     def on_epoch_end(self, run: RunInfo, epoch: int, metrics: dict[str, float]) -> None:
+        acc = metrics.get("val_accuracy", 0.0)
         self._line(
-            f"  epoch {epoch}: train_loss {metrics['train_loss']:.4f}  val acc {metrics.get('val_accuracy', 0):.4f}  "
+            f"  epoch {epoch}: train_loss {metrics['train_loss']:.4f}  val acc {acc:.4f}  "
             f"val macro-F1 {metrics.get('val_macro_f1', 0):.4f}  ({metrics['epoch_seconds']:.0f}s, "
             f"{metrics['img_per_s']:.0f} img/s)"
         )
+        # CK+ frames split at random: val 0.988 in the first epochs, test 0.746 (issue 11)
+        if acc >= self.leak_accuracy and epoch <= max(2, self.epochs // 5) and not self._leak_warned:
+            self._leak_warned = True
+            msg = (f"validation accuracy {acc:.3f} after epoch {epoch} of {self.epochs}: near-perfect this early "
+                   "usually means the validation images also appear in training (duplicates, or frames of one "
+                   "subject on both sides); check `fer data` and split by group (docs/data.md)")
+            warn(msg)
+            self._line(f"warning: {msg}", echo=False)
 
     def on_fit_end(self, run: RunInfo, final: dict[str, Any]) -> None:
         self._close()
