@@ -5,11 +5,14 @@ FER2013 at 20 epochs: baseline, strong augmentation and all together, one seed (
 regularizers just need longer training?).
 CK+: emotion-only vs AU-only vs multi-task (emotion + AU), subject-independent folds, 3 seeds.
 
-Every run is a real `fer run` (subprocess) into bench/out/ablation/<suite>/<config>/...; its
-figures go to a small committed record bench/results/ablation/<suite>/<config>/<run>.json. A run
-with a record is skipped, a run with a checkpoint but no record is resumed, so starting the
-script again (in this session or a later one) carries on where it stopped. After each run the
-ablation section of docs/results.md is rewritten (atomically) from every record so far.
+Each (suite, configuration[, CK+ fold]) is one real `fer repeat RECIPE --seeds ...` (subprocess)
+into bench/out/ablation/<suite>/<config>[/fold<F>] (runs DIR/seed-N, summary DIR/repeat.json);
+each seed's figures go to a small committed record
+bench/results/ablation/<suite>/<config>/[fold<F>_]seed<N>.json. Seeds with a record are not asked
+for again (a configuration whose every requested seed has one is skipped), and `fer repeat`
+resumes an interrupted seed, so starting the script again (in this session or a later one)
+carries on where it stopped. After each `fer repeat` the ablation section of docs/results.md is
+rewritten (atomically) from every record so far.
 
     .venv/bin/python bench/ablation.py                 # everything
     .venv/bin/python bench/ablation.py --suite fer2013 --seeds 0 1 2
@@ -19,14 +22,17 @@ ablation section of docs/results.md is rewritten (atomically) from every record 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
+import re
 import shlex
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]  # run as a script or imported by tests
@@ -35,6 +41,9 @@ from results_doc import RESULTS, update_section  # noqa: E402
 
 OUT = REPO / "bench" / "out" / "ablation"  # run directories (checkpoints): not committed
 RECORDS = REPO / "bench" / "results" / "ablation"  # one small JSON per finished run: committed
+FER = REPO / ".venv" / "bin" / "fer"
+REPEAT_JSON = "repeat.json"  # fer_plugins.crossval.REPEAT_JSON
+SEED_DONE = re.compile(r"seed-(-?\d+): (trained|resumed|finished earlier)")  # fer repeat, after each seed
 
 # technique → overrides added to the baseline recipe (TOML values)
 FER_BASE = "recipes/ablation/fer2013_baseline.toml"
@@ -75,58 +84,110 @@ CK_CONFIGS: dict[str, list[str]] = {
 CK_FOLDS = ["1", "2", "3", "4", "5"]
 
 
-def run_dir(suite: str, config: str, seed: int, fold: str | None) -> Path:
-    name = config.replace("+", "plus_")
-    return OUT / suite / name / (f"fold{fold}_seed{seed}" if fold else f"seed{seed}")
+def config_dir(suite: str, config: str) -> str:
+    return f"{suite}/{config.replace('+', 'plus_')}"
 
 
-def command(suite: str, config: str, seed: int, fold: str | None) -> list[str]:
-    base = CK_BASE if suite == "ckplus" else FER_BASE
-    overrides = CK_CONFIGS[config] if suite == "ckplus" else FER_CONFIGS[config]
+def repeat_dir(suite: str, config: str, fold: str | None) -> Path:
+    """The `fer repeat` directory of one (suite, configuration, fold): its runs are DIR/seed-N.
+    One directory per (suite, configuration, fold), always given the same overrides, so `fer
+    repeat`'s saved plan matches on every later call, whichever seeds it is asked for."""
+    d = OUT / config_dir(suite, config)
+    return d / f"fold{fold}" if fold else d
+
+
+def overrides(suite: str, config: str, fold: str | None) -> list[str]:
+    """The recipe overrides of one (suite, configuration, fold); the seed is `fer repeat`'s."""
+    ovs = CK_CONFIGS[config] if suite == "ckplus" else FER_CONFIGS[config]
     if suite == "fer2013_long":  # before the configuration's own: a replaced schedule table wins
-        overrides = [*LONG_OVERRIDES, *overrides]
-    args = ["fer", "run", base, "--out", str(run_dir(suite, config, seed, fold).relative_to(REPO)),
-            "-o", f"train.seed={seed}", "-o", f"name={suite}_{config}",
-            "-o", f"tracking.uri=sqlite:///{(OUT / 'mlflow.db').relative_to(REPO)}"]
-    if fold:
-        args += ["-o", f"data.holdout_value={fold}"]
-    for o in overrides:
+        ovs = [*LONG_OVERRIDES, *ovs]
+    return [f"name={suite}_{config}", f"tracking.uri=sqlite:///{_rel(OUT / 'mlflow.db')}",
+            *([f"data.holdout_value={fold}"] if fold else []), *ovs]
+
+
+def command(suite: str, config: str, seeds: Sequence[int], fold: str | None) -> list[str]:
+    base = CK_BASE if suite == "ckplus" else FER_BASE
+    args = ["fer", "repeat", base, "--seeds", ",".join(map(str, seeds)), "--out", str(_rel(repeat_dir(suite, config, fold)))]
+    for o in overrides(suite, config, fold):
         args += ["-o", o]
     return args
 
 
+def _rel(path: Path) -> Path:
+    return path.relative_to(REPO) if path.is_relative_to(REPO) else path
+
+
 def record_path(suite: str, config: str, seed: int, fold: str | None) -> Path:
-    return RECORDS / run_dir(suite, config, seed, fold).relative_to(OUT).with_suffix(".json")
+    """One committed record per run; the names predate `fer repeat` (its run dirs were
+    bench/out/ablation/<suite>/<config>/[fold<F>_]seed<N>) and stay as they are."""
+    return RECORDS / config_dir(suite, config) / (f"fold{fold}_seed{seed}.json" if fold else f"seed{seed}.json")
 
 
-def run_one(suite: str, config: str, seed: int, fold: str | None) -> dict | None:
-    out = run_dir(suite, config, seed, fold)
-    record = record_path(suite, config, seed, fold)
-    if record.is_file():
-        return json.loads(record.read_text())
-    args = command(suite, config, seed, fold)
-    if (out / "last.pt").is_file():  # interrupted earlier: continue it
-        args = ["fer", "run", "--resume", str(out.relative_to(REPO))]
-    exe = [str(REPO / ".venv" / "bin" / "fer"), *args[1:]]
-    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
-    print(f"[{time.strftime('%H:%M:%S')}] {suite} {config} seed {seed}" + (f" fold {fold}" if fold else ""), flush=True)
-    t0 = time.time()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent / f"{out.name}.log", "a") as log:
-        proc = subprocess.run(exe, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        print(f"  failed (exit {proc.returncode}); see {out.parent / (out.name + '.log')}", flush=True)
+def missing_seeds(suite: str, config: str, fold: str | None, seeds: Sequence[int]) -> list[int]:
+    return [s for s in seeds if not record_path(suite, config, s, fold).is_file()]
+
+
+def _seconds_in_run_json(status: dict) -> float | None:
+    """Training time of the run's last session (started → ended in run.json): the figure for a
+    seed that `fer repeat` found finished by an earlier, interrupted call."""
+    try:
+        return round((dt.datetime.fromisoformat(status["ended"]) - dt.datetime.fromisoformat(status["started"])).total_seconds(), 1)
+    except (KeyError, TypeError, ValueError):
         return None
-    m = json.loads((out / "metrics.json").read_text())
-    status = json.loads((out / "run.json").read_text())
-    rec = {"suite": suite, "config": config, "seed": seed, "fold": fold, "accuracy": m["accuracy"],
-           "macro_f1": m["macro_f1"], "balanced_accuracy": m["balanced_accuracy"], "au_mean_f1": m.get("au_mean_f1"),
-           "best_epoch": m["best_epoch"], "seconds": round(time.time() - t0, 1), "precision": status.get("precision"),
-           "command": shlex.join(command(suite, config, seed, fold))}
-    record.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps(rec, indent=2) + "\n")
-    print(f"  acc {rec['accuracy']:.4f}  macro-F1 {rec['macro_f1']:.4f}  ({rec['seconds']:.0f}s)", flush=True)
-    return rec
+
+
+def run_configuration(suite: str, config: str, fold: str | None, seeds: Sequence[int]) -> list[dict] | None:
+    """One `fer repeat` over the seeds without a record, then one record per finished seed.
+    None: every seed already had a record (nothing ran)."""
+    todo = missing_seeds(suite, config, fold, seeds)
+    if not todo:
+        return None
+    out = repeat_dir(suite, config, fold)
+    args = command(suite, config, todo, fold)
+    exe = [str(FER), *args[1:]]
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    print(f"[{time.strftime('%H:%M:%S')}] {suite} {config}" + (f" fold {fold}" if fold else "")
+          + f" seeds {', '.join(map(str, todo))}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "repeat.log"
+    # each seed's wall time (process start-up and data loading included, as for a `fer run`):
+    # from the previous seed's "seed-N: trained" line (or the start) to its own
+    seconds: dict[int, float] = {}
+    done: set[int] = set()
+    last = time.time()
+    with open(log_path, "a", encoding="utf-8") as log, subprocess.Popen(
+            exe, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            encoding="utf-8", errors="replace") as proc:
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            if m := SEED_DONE.fullmatch(line.strip()):
+                now = time.time()
+                done.add(int(m[1]))
+                if m[2] != "finished earlier":
+                    seconds[int(m[1])] = round(now - last, 1)
+                last = now
+    summary = json.loads((out / REPEAT_JSON).read_text()) if proc.returncode == 0 else {}
+    if summary.get("seeds") == todo:
+        runs = {r["seed"]: (out / r["dir"], r["metrics"]) for r in summary["runs"]}
+    else:  # failed part-way: record the seeds it finished (their metrics.json), rerun for the rest
+        print(f"  failed (exit {proc.returncode}); see {log_path}", flush=True)
+        runs = {s: (out / f"seed-{s}", json.loads((out / f"seed-{s}" / "metrics.json").read_text()))
+                for s in todo if s in done and (out / f"seed-{s}" / "metrics.json").is_file()}
+    records = []
+    for seed, (run, m) in runs.items():
+        status = json.loads((run / "run.json").read_text())
+        rec = {"suite": suite, "config": config, "seed": seed, "fold": fold, "accuracy": m["accuracy"],
+               "macro_f1": m["macro_f1"], "balanced_accuracy": m["balanced_accuracy"], "au_mean_f1": m.get("au_mean_f1"),
+               "best_epoch": int(m["best_epoch"]), "seconds": seconds.get(seed, _seconds_in_run_json(status)),
+               "precision": status.get("precision"), "command": shlex.join(args)}
+        record = record_path(suite, config, seed, fold)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(rec, indent=2) + "\n")
+        print(f"  seed {seed}: acc {rec['accuracy']:.4f}  macro-F1 {rec['macro_f1']:.4f}  ({rec['seconds'] or 0:.0f}s)",
+              flush=True)
+        records.append(rec)
+    return records
 
 
 def collect() -> list[dict]:
@@ -178,7 +239,7 @@ def report(records: list[dict], seeds: list[int]) -> str:
     for config, ovs in FER_CONFIGS.items():
         lines.append(f"- `{config}`: " + (", ".join(f"`{o}`" for o in ovs) if ovs else "none"))
     lines += ["", f"Command: `.venv/bin/python bench/ablation.py --suite fer2013 --seeds {' '.join(map(str, seeds))}`",
-              "(one run: e.g. `" + shlex.join(command("fer2013", "+focal_loss", 0, None)) + "`)", ""]
+              "(one configuration: e.g. `" + shlex.join(command("fer2013", "+focal_loss", seeds, None)) + "`)", ""]
 
     long = [r for r in records if r["suite"] == "fer2013_long"]
     lines += [f"### FER2013 at {LONG_EPOCHS} epochs: do the heavy regularizers need longer training?", "",
@@ -217,6 +278,19 @@ def report(records: list[dict], seeds: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def jobs(suite: str, seeds: list[int]) -> list[tuple[str, str, str | None, list[int]]]:
+    """(suite, configuration, fold, seeds): one `fer repeat` each, in this order."""
+    out: list[tuple[str, str, str | None, list[int]]] = []
+    if suite in ("fer2013", "all"):
+        out += [("fer2013", c, None, seeds) for c in FER_CONFIGS]
+    if suite in ("ckplus", "all"):
+        out += [("ckplus", c, f, seeds) for c in CK_CONFIGS for f in CK_FOLDS]
+    long_seeds = seeds if suite == "fer2013_long" else seeds[:1] if suite == "all" else []
+    if long_seeds:
+        out += [("fer2013_long", c, None, long_seeds) for c in LONG_CONFIGS]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=["fer2013", "ckplus", "fer2013_long", "all"], default="all",
@@ -225,21 +299,13 @@ def main() -> None:
     ap.add_argument("--configs", nargs="*", help="only these configurations")
     ap.add_argument("--report-only", action="store_true")
     args = ap.parse_args()
+    args.seeds = list(dict.fromkeys(args.seeds))  # fer repeat takes distinct seeds
     if not args.report_only:
-        jobs = []
-        # seed-major order: a partial run still gives every configuration one seed first
-        for seed in args.seeds:
-            if args.suite in ("fer2013", "all"):
-                jobs += [("fer2013", c, seed, None) for c in FER_CONFIGS]
-            if args.suite in ("ckplus", "all"):
-                jobs += [("ckplus", c, seed, f) for c in CK_CONFIGS for f in CK_FOLDS]
-        long_seeds = args.seeds if args.suite == "fer2013_long" else args.seeds[:1] if args.suite == "all" else []
-        jobs += [("fer2013_long", c, seed, None) for seed in long_seeds for c in LONG_CONFIGS]
-        for suite, config, seed, fold in jobs:
+        for suite, config, fold, seeds in jobs(args.suite, args.seeds):
             if args.configs and config not in args.configs:
                 continue
-            run_one(suite, config, seed, fold)
-            update_section("ablation", report(collect(), args.seeds))
+            if run_configuration(suite, config, fold, seeds) is not None:
+                update_section("ablation", report(collect(), args.seeds))
     update_section("ablation", report(collect(), args.seeds))
     print(f"wrote {RESULTS}")
 

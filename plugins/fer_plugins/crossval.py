@@ -168,16 +168,24 @@ def _same_plan(path: Path, plan: dict[str, Any], what: str) -> None:
         atomic_write_text(path, text)
 
 
-def run_or_resume(run_dir: Path, recipe_path: Path, overrides: list[str]) -> tuple[dict[str, Any], str]:
+def run_group(kind: str, group_dir: Path, member: str) -> dict[str, str]:
+    """The run group (``RunInfo.group``) of one fold or seed: trackers nest the runs of one
+    cv or repeat directory under one parent (MLflow: a parent run)."""
+    path = group_dir.resolve()
+    return {"kind": kind, "id": str(path), "name": path.name, "member": member}
+
+
+def run_or_resume(run_dir: Path, recipe_path: Path, overrides: list[str],
+                  group: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
     """A finished run (metrics.json) is read; one with a checkpoint is resumed; else it starts."""
     rd = RunDir(run_dir)
     if (rd / RunDir.METRICS).is_file():
         state = "finished earlier"
     elif rd.has_checkpoint():
-        train(None, [], None, run_dir)
+        train(None, [], None, run_dir, group=group)
         state = "resumed"
     else:
-        train(recipe_path, overrides, run_dir, None)
+        train(recipe_path, overrides, run_dir, None, group=group)
         state = "trained"
     return rd.read_json(RunDir.METRICS, {}), state
 
@@ -337,7 +345,8 @@ def cross_validate(recipe_path: Path, k: int | None, *, group_by: str | None = N
             run_dir = cv_dir / rel
             fold_data = reg.build("dataset", {**folds_spec, "fold": f, "seed": seed}, "data")
             metrics, state = run_or_resume(run_dir, plan_path, [f"data.fold={f}", f"data.seed={seed}",
-                                                                f"name={json.dumps(f'{recipe.name}-cv-{rel}')}"])
+                                                                f"name={json.dumps(f'{recipe.name}-cv-{rel}')}"],
+                                           run_group("cv", cv_dir, rel))
             console.print(f"{rel}: {state}", markup=False, highlight=False)
             p = val_predictions(run_dir, cv_dir / "predictions" / f"{rel.replace('/', '-')}.npz")
             preds.append(p)
@@ -392,7 +401,8 @@ def repeat_seeds(recipe_path: Path, seeds: Sequence[int], *, out: Path | None = 
     for n in seeds:
         rel = f"seed-{n}"
         metrics, state = run_or_resume(rep_dir / rel, rep_dir / REPEAT_RECIPE,
-                                       [f"train.seed={n}", f"name={json.dumps(f'{recipe.name}-{rel}')}"])
+                                       [f"train.seed={n}", f"name={json.dumps(f'{recipe.name}-{rel}')}"],
+                                       run_group("repeat", rep_dir, rel))
         console.print(f"{rel}: {state}", markup=False, highlight=False)
         runs.append({"seed": n, "dir": rel, "metrics": scalar_metrics(metrics)})
     report = {"kind": "repeat", "recipe": str(recipe_path), "overrides": list(overrides), "seeds": list(seeds),

@@ -2,14 +2,23 @@
 
 Any tracking URI works (a sqlite file by default, or an MLflow server). A run that raises is
 marked FAILED; a resumed fer run continues the same MLflow run.
+
+Run groups (``RunInfo.group``: the trials of a `fer tune` study, the folds of `fer cv`, the seeds
+of `fer repeat`): each group has one parent run in the same experiment (found by its tag
+``fer.group_key``, created under a lock file in the group's directory, so that parallel workers
+make one), and each member is a nested run (tag ``mlflow.parentRunId``). The parent is RUNNING
+while any of its members runs, and FINISHED (KILLED after a Ctrl-C) when the last running one
+ends; its end time is that member's. A member's own status says how it ended.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +54,9 @@ class MlflowTracker(Callback):
         self.log_model = log_model
         self.client: Any = None
         self.run_id: str | None = None
+        self.group: dict[str, str] | None = None
+        self.parent_id: str | None = None
+        self.experiment_id: str | None = None
 
     def _client(self):
         from mlflow import MlflowClient
@@ -54,13 +66,21 @@ class MlflowTracker(Callback):
     def on_fit_start(self, run: RunInfo) -> None:
         with _store_errors(self.uri), _sqlite_creation_lock(self.uri):
             self._start(run)
-        run.files["mlflow"] = f"{self.uri} (experiment '{self.experiment}', run {self.run_id})"
+        run.files["mlflow"] = (f"{self.uri} (experiment '{self.experiment}', run {self.run_id}"
+                               + (f", nested in {self.parent_id})" if self.parent_id else ")"))
 
     def _start(self, run: RunInfo) -> None:
         self.client = self._client()
+        self.group = dict(run.group) if run.group else None
         self.run_id = run.state.get("mlflow_run_id")
         if self.run_id:  # resumed fer run: continue its MLflow run
             self.client.update_run(self.run_id, status="RUNNING")
+            if self.group:
+                self.experiment_id = self.client.get_run(self.run_id).info.experiment_id
+                self.parent_id = self._parent()
+                # a resumed tune trial may have a new number; a run from before groups gets its parent
+                for k, v in self._member_tags().items():
+                    self.client.set_tag(self.run_id, k, v)
             return
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is None:
@@ -68,7 +88,13 @@ class MlflowTracker(Callback):
             if self.uri.startswith("sqlite:///"):  # keep artifacts beside the database file
                 db = Path(self.uri.removeprefix("sqlite:///")).resolve()
                 artifact_location = (db.parent / "mlartifacts" / self.experiment).as_uri()
-            exp_id = self.client.create_experiment(self.experiment, artifact_location=artifact_location)
+            try:
+                exp_id = self.client.create_experiment(self.experiment, artifact_location=artifact_location)
+            except Exception:  # noqa: BLE001 - another process (a tune worker) created it just now
+                exp = self.client.get_experiment_by_name(self.experiment)
+                if exp is None:
+                    raise
+                exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
         tags = {"fer.run_dir": str(run.out_dir.resolve())}
@@ -77,7 +103,12 @@ class MlflowTracker(Callback):
             tags["mlflow.source.git.commit"] = commit
         for dist, version in run.plugin_versions.items():
             tags[f"fer.plugin.{dist}"] = version
-        created = self.client.create_run(exp_id, run_name=self.run_name or run.out_dir.name, tags=tags)
+        self.experiment_id = exp_id
+        if self.group:
+            self.parent_id = self._parent()
+            tags.update(self._member_tags())
+        name = self.run_name or (self.group or {}).get("member") or run.out_dir.name
+        created = self.client.create_run(exp_id, run_name=name, tags=tags)
         self.run_id = created.info.run_id
         run.state["mlflow_run_id"] = self.run_id
         from mlflow.entities import Param
@@ -114,6 +145,7 @@ class MlflowTracker(Callback):
         if self.log_model and best is not None and Path(best).is_file():
             self.client.log_artifact(self.run_id, str(best), artifact_path="model")
         self.client.set_terminated(self.run_id, status="FINISHED")
+        self._member_ended("FINISHED")
 
     def on_exception(self, run: RunInfo, error: BaseException) -> None:
         try:
@@ -126,6 +158,53 @@ class MlflowTracker(Callback):
             status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
             self.client.set_tag(self.run_id, "fer.error", f"{type(error).__name__}: {error}"[:5000])
             self.client.set_terminated(self.run_id, status=status)
+            self._member_ended(status)
+
+    # ---------------------------------------------------------------- run groups: parent and nested runs
+
+    def _member_tags(self) -> dict[str, str]:
+        g = self.group or {}
+        return {"mlflow.parentRunId": self.parent_id or "", "fer.group_id": str(g.get("id", "")),
+                "fer.group_kind": str(g.get("kind", "")), "fer.group_member": str(g.get("member", ""))}
+
+    def _parents(self, key: str) -> list[Any]:
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.`fer.group_key` = '{key}'",
+                                        max_results=100)
+        return sorted(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+
+    def _parent(self) -> str:
+        """The group's parent run (RUNNING from now on): found by its key, else created. The lock
+        makes parallel members of one machine create one; members whose lock is not shared (other
+        machines) settle on the oldest parent, and a duplicate just created is deleted."""
+        g = self.group or {}
+        key = group_key(g)
+        with _group_lock(g):
+            found = self._parents(key)
+            if found:
+                parent = found[0].info.run_id
+                self.client.update_run(parent, status="RUNNING")
+                return parent
+            kind = str(g.get("kind", "group"))
+            created = self.client.create_run(self.experiment_id, run_name=str(g.get("name") or kind), tags={
+                "fer.group_key": key, "fer.group_id": str(g.get("id", "")), "fer.group_kind": kind,
+                "fer.group_name": str(g.get("name", "")), "mlflow.note.content":
+                    f"fer {kind} {g.get('name', '')}: its runs are nested under this one ({g.get('id', '')})"})
+            mine = created.info.run_id
+            oldest = (self._parents(key) or [created])[0].info.run_id
+            if oldest != mine:
+                self.client.delete_run(mine)
+            return oldest
+
+    def _member_ended(self, status: str) -> None:
+        """This member has ended (its own status is set): the parent ends with the last running one."""
+        if not self.parent_id:
+            return
+        with _group_lock(self.group or {}):
+            running = self.client.search_runs(
+                [self.experiment_id], max_results=1,
+                filter_string=f"tags.`mlflow.parentRunId` = '{self.parent_id}' and attributes.status = 'RUNNING'")
+            if not running:
+                self.client.set_terminated(self.parent_id, status="KILLED" if status == "KILLED" else "FINISHED")
 
 
 def make_mlflow(*, uri: str = "sqlite:///mlflow.db", experiment: str = "fer", run_name: str = "",
@@ -190,6 +269,25 @@ def _store_errors(uri: str):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise FerError(f"tracking.uri {uri}: the MLflow store failed ({type(e).__name__}: {first}); fix or "
                        "move it, or run without tracking: -o tracking.enabled=false") from None
+
+
+def group_key(group: dict[str, Any]) -> str:
+    """The parent run's search key: a hash of the group's kind and id (a path may hold quotes)."""
+    return hashlib.sha256(f"{group.get('kind', '')}\0{group.get('id', '')}".encode()).hexdigest()[:32]
+
+
+@contextmanager
+def _group_lock(group: dict[str, Any]):
+    """A lock file in the group's directory (or, when its id is no directory here, in the temp dir)."""
+    where = Path(str(group.get("id", "")))
+    path = where / ".mlflow-group.lock" if where.is_absolute() and where.is_dir() else \
+        Path(tempfile.gettempdir()) / f"fer-mlflow-group-{group_key(group)}.lock"
+    with open(path, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 @contextmanager

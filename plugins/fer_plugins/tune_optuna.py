@@ -675,6 +675,8 @@ def run_trial(spec: TuneSpec, ctx: StudyContext, study: optuna.Study, storage: A
           + (f" (resuming interrupted trial #{resumes})" if resumes is not None else ""))
     live = _Live(trial, spec.monitor)
     key = out.resolve()
+    # trackers nest the trials of one study under one parent (MLflow: a parent run)
+    group = {"kind": "study", "id": str(study_dir.resolve()), "name": ctx.study_name, "member": out.name}
     _LIVE[key] = live
     tmp: Path | None = None
     t0 = time.monotonic()
@@ -687,13 +689,13 @@ def run_trial(spec: TuneSpec, ctx: StudyContext, study: optuna.Study, storage: A
             for step, v in sorted((previous.intermediate_values if previous else {}).items()):
                 trial.report(v, step)
         if resumes is not None and (out / RunDir.RECIPE).is_file():
-            _, final = train(None, [f"train.threads={ctx.threads}"] if ctx.threads else [], None, out)
+            _, final = train(None, [f"train.threads={ctx.threads}"] if ctx.threads else [], None, out, group=group)
         else:
             with tempfile.NamedTemporaryFile("w", suffix=".toml", prefix=f".{out.name}-", dir=study_dir,
                                              delete=False, encoding="utf-8") as f:
                 f.write(dump_toml(raw))
                 tmp = Path(f.name)
-            _, final = train(tmp, [], out, None)
+            _, final = train(tmp, [], out, None, group=group)
     except TrialPrunedAtEpoch as e:
         trial.set_user_attr("epochs_run", e.epoch)
         trial.set_user_attr("reason", str(e))
