@@ -9,6 +9,7 @@ study's trials are read back from that server.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +167,39 @@ def test_two_workers_share_one_postgresql_study(postgres_url, write_recipe, tmp_
             ("COMPLETE", t.value, t.params, t.user_attrs["worker"], t.user_attrs["dir"])
     assert summary["best_trial"] == study.best_trial.number and summary["best_value"] == study.best_value
     assert (study_dir / "best.toml").is_file()
+
+
+def test_two_machines_share_one_postgresql_study(postgres_url, write_recipe, tmp_path):
+    """Two `fer tune` commands with their own study directories (as on two machines: no lock file
+    in common) on one PostgreSQL study at the same time: neither marks the other's running trial
+    failed, and together they run exactly the budget."""
+    import optuna
+    from optuna.trial import TrialState
+
+    recipe = tune_recipe(write_recipe)
+    dirs = [tmp_path / "machine-a" / "shared", tmp_path / "machine-b" / "shared"]  # one study name: "shared"
+
+    def start(d: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "fer_core.cli", "tune", str(recipe), "--trials", str(BUDGET),
+                                 "--study-dir", str(d), "--storage", postgres_url, "-o", "data.max_train_per_class=4",
+                                 "-o", "train.threads=1"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    first = start(dirs[0])
+    deadline = time.monotonic() + 120
+    while True:  # the second starts while a trial of the first is running (the case that used to break)
+        with contextlib.suppress(KeyError):
+            study = optuna.load_study(study_name="shared", storage=postgres_url)
+            if any(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False)):
+                break
+        assert first.poll() is None and time.monotonic() < deadline, "the first command never started a trial"
+        time.sleep(0.5)
+    second = start(dirs[1])
+    outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+    assert [first.returncode, second.returncode] == [0, 0], outs
+    trials = optuna.load_study(study_name="shared", storage=postgres_url).get_trials(deepcopy=False)
+    ran = [t for t in trials if not t.user_attrs.get("over_budget")]
+    assert len(ran) == BUDGET and all(t.state == TrialState.COMPLETE for t in ran), \
+        [(t.number, t.state, t.user_attrs.get("reason")) for t in trials]
+    assert not any(t.user_attrs.get("interrupted") for t in trials)  # nobody's live trial was retired
+    assert sum(len(list(d.glob("trial-*"))) for d in dirs) == len(ran)

@@ -55,6 +55,8 @@ from fer_core.api import (Callback, FerError, Overrides, RunDir, RunInfo, apply_
 
 PRUNING_CALLBACK = "optuna_pruning"
 JOURNAL = "study.journal"
+#: RDB storage: seconds between a running trial's heartbeats, and without one before it counts as dead
+HEARTBEAT_S, GRACE_S = 30, 120
 STUDY_RECIPE = "tune.toml"
 BEST = "best.toml"
 SUMMARY = "study.json"
@@ -584,7 +586,12 @@ def make_storage(study_dir: Path, url: str | None) -> Any:
     or an RDB URL (sqlite:///..., later PostgreSQL)."""
     if url:
         try:
-            return optuna.storages.RDBStorage(url)
+            # a database may be shared by several machines: a trial is stale (its process gone) only
+            # when its heartbeat stops, never merely because it is RUNNING when a command starts
+            with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna 5: a warning per process
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                                                  heartbeat_stale_trial_callback=_requeue_stale)
         except Exception as e:  # noqa: BLE001 - SQLAlchemy's many errors: one line naming the URL
             first = (str(e).splitlines() or [""])[0][:200]
             raise FerError(f"--storage {url}: cannot open it ({type(e).__name__}: {first})") from None
@@ -609,8 +616,45 @@ class StudyContext:
 
 
 def _count(trials: list[optuna.trial.FrozenTrial]) -> int:
-    """Trials that use the budget: started ones, except those interrupted (they are retried)."""
-    return sum(1 for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted"))
+    """Trials that use the budget: started ones, except those interrupted (they are retried) and
+    those another machine's trial left over the budget."""
+    return sum(1 for t in trials if t.state != TrialState.WAITING and not t.user_attrs.get("interrupted")
+               and not t.user_attrs.get("over_budget"))
+
+
+def _requeue_stale(study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+    """Optuna failed a trial whose heartbeat stopped (its machine or process died): retry its values."""
+    storage = study._storage
+    tid = frozen._trial_id
+    storage.set_trial_user_attr(tid, "interrupted", True)
+    storage.set_trial_user_attr(tid, "reason", "interrupted (its heartbeat stopped); retried by a later trial")
+    study.enqueue_trial(dict(frozen.params), user_attrs={"resumes": frozen.number})
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: Any, trial: optuna.Trial) -> Iterator[None]:
+    """Record the trial's heartbeat while it trains (RDB storage; Optuna does it only inside optimize)."""
+    if not isinstance(storage, optuna.storages.RDBStorage):
+        yield
+        return
+    import threading
+
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with contextlib.suppress(Exception):  # a missed beat is retried; the grace period covers it
+                storage.record_heartbeat(trial._trial_id)
+            if stop.wait(HEARTBEAT_S):
+                return
+
+    thread = threading.Thread(target=beat, daemon=True, name=f"fer-tune-heartbeat-{trial.number}")
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def retire(study: optuna.Study, storage: Any, frozen: optuna.trial.FrozenTrial, why: str) -> None:
@@ -730,7 +774,8 @@ def run_trial(spec: TuneSpec, ctx: StudyContext, study: optuna.Study, storage: A
             tmp.unlink(missing_ok=True)
     best = ""
     with contextlib.suppress(ValueError):
-        best = f" (best so far {study.best_value:.4f}, #{study.best_trial.number})"
+        top = study.best_trial  # one read: value and number of the same trial
+        best = f" (best so far {top.value:.4f}, #{top.number})"
     _line(f"trial {k}/{ctx.budget} (#{trial.number}): {outcome} in {time.monotonic() - t0:.0f}s{best}")
     with contextlib.suppress(Exception):
         write_summary(spec, ctx, study)
@@ -753,7 +798,15 @@ def work(ctx: StudyContext, worker: int = 0, spec: TuneSpec | None = None) -> No
                 return
             study.sampler = spec.tuner.make_sampler(spec.tuner.trial_seed(len(trials)))
             trial = study.ask()
-        run_trial(spec, ctx, study, storage, trial, counted + 1, worker)
+        # machines sharing a database do not share the lock: the trial numbers decide who is over
+        before = _count([t for t in study.get_trials(deepcopy=False) if t.number < trial.number])
+        if before >= budget:
+            trial.set_user_attr("over_budget", True)
+            trial.set_user_attr("reason", "not run: other processes had started the whole budget")
+            _tell(study, trial, state=TrialState.FAIL)
+            return
+        with _heartbeat(storage, trial):
+            run_trial(spec, ctx, study, storage, trial, before + 1, worker)
 
 
 def _worker_main(ctx: StudyContext, worker: int) -> None:
@@ -945,10 +998,13 @@ def tune(recipe: Path, overrides: list[str], trials: int | None = None, timeout:
         if study.direction.name.lower() != spec.direction:
             raise FerError(f"{study_dir}: the study maximises/minimises the other way ({study.direction.name.lower()})")
         atomic_write_text(saved_path, dump_toml(spec.resolved()))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            retire(study, storage, t, "its process stopped while it ran")
-            _line(f"trial #{t.number} was running when its process stopped: marked failed; its values are "
-                  "retried, resuming its directory")
+        if isinstance(storage, optuna.storages.RDBStorage):
+            optuna.storages.fail_stale_trials(study)  # only trials whose heartbeat stopped: others may be alive
+        else:  # the journal file is this study directory's, and we hold its lock: nothing else runs
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                retire(study, storage, t, "its process stopped while it ran")
+                _line(f"trial #{t.number} was running when its process stopped: marked failed; its values are "
+                      "retried, resuming its directory")
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         given = spec.base["train"]["threads"]
         threads = None
