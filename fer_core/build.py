@@ -140,7 +140,8 @@ def build_all(recipe: Recipe, reg: Registry) -> Built:
     loss_params = list(loss.parameters()) if isinstance(loss, nn.Module) else []
     params = [p for p in [*model.parameters(), *loss_params] if p.requires_grad]
     optimizer = reg.build("optimizer", recipe.optimizer.spec(), "optimizer", params)
-    info = ScheduleInfo(epochs=t.epochs, steps_per_epoch=-(-len(train_loader) // t.accumulate_steps))
+    info = ScheduleInfo(epochs=t.epochs, steps_per_epoch=-(-len(train_loader) // t.accumulate_steps),
+                        monitor_mode=t.monitor_mode)
     scheduler = None
     if recipe.schedule is not None:
         scheduler = reg.build("scheduler", recipe.schedule.spec(), "schedule", optimizer, info)

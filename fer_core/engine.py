@@ -204,6 +204,8 @@ class Engine:
                 self._emit("on_validation_start", epoch)
                 report = self.validate()
                 score = float(report[self.cfg.monitor])  # a name it does not produce is refused before epoch 1 (runner)
+                if self.scheduler is not None and self.scheduler.interval == "metric":
+                    self.scheduler.step(score)
                 row = {"epoch": epoch, **train_logs, **{f"val_{k}": float(v) for k, v in report.items()
                                                          if isinstance(v, float)}}
                 self.state.epoch = epoch

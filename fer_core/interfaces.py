@@ -142,10 +142,12 @@ class Augmenter(Protocol):
 class ScheduleInfo:
     epochs: int
     steps_per_epoch: int  # optimizer steps (after gradient accumulation)
+    monitor_mode: str = "max"  # whether train.monitor improves upwards (for schedules that read it)
 
 
 class Scheduler(Protocol):
-    """A torch LR scheduler plus when to step it: ``interval`` is "step" or "epoch"."""
+    """A torch LR scheduler plus when to step it: ``interval`` is "step", "epoch", or "metric"
+    (after each validation, ``step(value of train.monitor)``: ReduceLROnPlateau)."""
 
     interval: str
 

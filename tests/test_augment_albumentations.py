@@ -126,7 +126,22 @@ def test_light_and_none_presets():
     assert [type(t) for t in none.compose.transforms] == [A.Resize, A.Normalize, A.ToTensorV2]
 
 
-@pytest.mark.parametrize("preset", ["strong", "light", "none"])
+def test_faces48_preset_for_small_grey_faces():
+    """Crop/scale jitter, flip, small rotation, brightness/contrast and random erasing; nothing
+    that blurs or distorts a 48-px face; the keys reach the transforms."""
+    aug = _build(GRAY, preset="faces48", crop_min=0.7, erase_p=0.25, erase_max=0.3, rotate_limit=15)
+    assert [type(t) for t in aug.compose.transforms] == [
+        A.Resize, A.RandomResizedCrop, A.HorizontalFlip, A.Affine, A.RandomBrightnessContrast, A.Erasing,
+        A.Normalize, A.ToTensorV2]
+    assert tuple(_of(aug, A.RandomResizedCrop).scale) == (0.7, 1.0)
+    erase = _of(aug, A.Erasing)
+    assert erase.p == 0.25 and tuple(erase.scale) == (0.02, 0.3)
+    assert tuple(_of(aug, A.Affine).rotate) == pytest.approx((-5, 5))
+    out = aug(_img((48, 48, 1)))
+    assert out.shape == (1, GRAY.input_size[0], GRAY.input_size[1]) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("preset", ["strong", "light", "faces48", "none"])
 @pytest.mark.parametrize("pre", [GRAY, RGB], ids=["gray", "rgb"])
 def test_building_emits_no_warning(pre, preset):
     """Regression: 1.x argument names are silently dropped by 2.x with only a UserWarning."""

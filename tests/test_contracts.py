@@ -129,11 +129,14 @@ def check_optimizer(name):
 def check_scheduler(name):
     opt = torch.optim.SGD([nn.Parameter(torch.ones(1))], lr=0.1)
     sched = _build("scheduler", name, opt, INFO)
-    assert sched.interval in ("step", "epoch")
+    assert sched.interval in ("step", "epoch", "metric")
     n = INFO.epochs * (INFO.steps_per_epoch if sched.interval == "step" else 1)
-    for _ in range(n):
+    for i in range(n):
         opt.step()
-        sched.step()
+        if sched.interval == "metric":  # after each validation, with the monitored value
+            sched.step(0.5 if i % 2 else 0.4)
+        else:
+            sched.step()
         lr = opt.param_groups[0]["lr"]
         assert np.isfinite(lr) and 0 <= lr <= 0.1 + 1e-12
     state = sched.state_dict()

@@ -225,7 +225,7 @@ def make_albumentations(
     pre: Preprocessing,
     /,
     *,
-    preset: Literal["strong", "light", "none"] = "strong",
+    preset: Literal["strong", "light", "faces48", "none"] = "strong",
     transforms: list[dict[str, Any]] = (),  # type: ignore[assignment]  # immutable default
     crop_scale: Annotated[float, Field(ge=1, allow_inf_nan=False, strict=True)] = 256 / 224,
     hflip: _P = 0.5,
@@ -252,6 +252,9 @@ def make_albumentations(
     dropout_holes: Annotated[int, Field(ge=1, strict=True)] = 8,
     dropout_size: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] = 32 / 224,
     dropout_p: _P = 0.3,
+    crop_min: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False, strict=True)] = 0.8,
+    erase_p: _P = 0.5,
+    erase_max: Annotated[float, Field(gt=0.02, lt=1, allow_inf_nan=False, strict=True)] = 0.25,
 ) -> AlbumentationsPipeline:
     """Training augmentation with albumentations 2.x.
 
@@ -265,6 +268,13 @@ def make_albumentations(
 
     ``preset = "light"``: Resize(h, w) → HorizontalFlip → Affine(±rotate_limit/3 degrees,
     ±shift/2, 1±scale/2; p = affine_p) → RandomBrightnessContrast (p = color_p).
+    ``preset = "faces48"``, made for small grey face crops such as FER2013's 48×48 (the recipe of
+    the best published FER2013 networks: crop/scale jitter, flip, small rotation, random erasing):
+    Resize(h, w) → RandomResizedCrop(h, w; area crop_min–1, aspect 0.9–1.1) → HorizontalFlip →
+    Affine(±rotate_limit/3 degrees, ±shift; p = affine_p) → RandomBrightnessContrast (p = color_p)
+    → Erasing (random erasing, Zhong et al. 2020: one rectangle of 2 %–erase_max of the area
+    filled with noise; p = erase_p). No colour jitter beyond brightness/contrast, no blur or
+    elastic distortion: at 48 px they destroy the few pixels an expression has.
     ``preset = "none"``: Resize(h, w) only.
 
     Then ``transforms`` (any albumentations transforms, ``{name = ..., <args>}``, OneOf/SomeOf
@@ -340,6 +350,22 @@ def make_albumentations(
             _preset(A.RandomBrightnessContrast, {"brightness_limit": "brightness", "contrast_limit": "contrast",
                                                  "p": "color_p"},
                     brightness_limit=brightness, contrast_limit=contrast, p=color_p),
+        ]
+    elif preset == "faces48":
+        steps += [
+            _preset(A.Resize, {}, height=h, width=w),
+            _preset(A.RandomResizedCrop, {"scale": "crop_min"}, size=(h, w), scale=(crop_min, 1.0), ratio=(0.9, 1.1),
+                    p=1.0),
+            _preset(A.HorizontalFlip, {"p": "hflip"}, p=hflip),
+            _preset(A.Affine, {"translate_percent": "shift", "rotate": "rotate_limit", "p": "affine_p",
+                               "border_mode": "border"},
+                    translate_percent=(-shift, shift), rotate=(-rotate_limit / 3, rotate_limit / 3),
+                    border_mode=bm, p=affine_p),
+            _preset(A.RandomBrightnessContrast, {"brightness_limit": "brightness", "contrast_limit": "contrast",
+                                                 "p": "color_p"},
+                    brightness_limit=brightness, contrast_limit=contrast, p=color_p),
+            _preset(A.Erasing, {"scale": "erase_max", "p": "erase_p"}, scale=(0.02, erase_max), ratio=(0.3, 3.3),
+                    fill="random", p=erase_p),
         ]
     else:  # "none"
         steps.append(_preset(A.Resize, {}, height=h, width=w))

@@ -1,4 +1,5 @@
-"""Learning-rate schedules: cosine and warmup+cosine (stepped per optimizer step) and step (per epoch)."""
+"""Learning-rate schedules: cosine and warmup+cosine (stepped per optimizer step), step (per epoch)
+and plateau (after each validation, on the monitored metric)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,21 @@ def make_step(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *,
     return sched
 
 
+def make_plateau(optimizer: torch.optim.Optimizer, info: ScheduleInfo, /, *,
+                 factor: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False, strict=True)] = 0.1,
+                 patience: Annotated[int, Field(ge=0, strict=True)] = 5,
+                 threshold: Annotated[float, Field(ge=0, allow_inf_nan=False, strict=True)] = 1e-4,
+                 cooldown: Annotated[int, Field(ge=0, strict=True)] = 0,
+                 min_lr: MinLR = 0.0):
+    """Multiply the lr by `factor` when `train.monitor` has not improved (by a relative
+    `threshold`) for `patience` validations (torch's ReduceLROnPlateau; its direction is
+    `train.monitor_mode`). The schedule of the best published FER2013 networks."""
+    _check_min_lr(optimizer, min_lr)
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode=info.monitor_mode, factor=factor,
+                                                       patience=patience, threshold=threshold, cooldown=cooldown,
+                                                       min_lr=min_lr)
+    sched.interval = "metric"  # the engine steps it after validation, with the monitored value
+    return sched
 
 
 def warmup_cosine_factor(step: int, *, warmup: int, total: int, start_factor: float, floor: float) -> float:
@@ -96,3 +112,4 @@ def register_schedulers(register):
     register("cosine", make_cosine)
     register("step", make_step)
     register("warmup_cosine", make_warmup_cosine)
+    register("plateau", make_plateau)
