@@ -105,7 +105,7 @@ def eval_(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the metrics to this file.")] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Test-time augmentation: the recipe's [tta] table, or flips.")] = False,
 ) -> None:
-    """Evaluate a run's best checkpoint (or an ensemble) on a split of its dataset, or another."""
+    """Evaluate a run's best checkpoint (or an artifact: an ensemble, an exported .onnx) on a split of its dataset, or another."""
     from .checkpoint import atomic_write_json
     from .console import metrics_tables, stdout
     from .predictor import evaluate
