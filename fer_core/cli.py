@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Annotated, Optional
@@ -258,7 +259,10 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as e:  # noqa: BLE001 - the one error boundary
         msg = user_message(e)
         if msg is not None and os.environ.get("RANK", "0") != "0":
-            sys.exit(2)  # under torchrun rank 0 meets the same error and reports it
+            # under torchrun rank 0 meets the same error and reports it; leave it the time to, as
+            # torchrun stops every process once one has exited
+            time.sleep(5)
+            os._exit(2)
         if msg is None or debug:
             import traceback
 
@@ -267,6 +271,10 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"error: {REPORT_BUGS}", file=sys.stderr)
                 sys.exit(1)
         print(f"error: {msg}", file=sys.stderr)
+        if "WORLD_SIZE" in os.environ:  # under torchrun: no C++ teardown of a process group still held
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         sys.exit(2)
 
 

@@ -111,5 +111,6 @@ def launch(nproc: int, argv: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "fer_core", *argv]))
     except ChildFailedError as e:
-        return next((f.exitcode for _, f in sorted(e.failures.items()) if f.exitcode > 0), 1)
+        codes = [f.exitcode for _, f in sorted(e.failures.items())]
+        return 2 if 2 in codes else next((c for c in codes if c > 0), 1)  # 2: rank 0 reported a user error
     return 0

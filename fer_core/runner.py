@@ -71,7 +71,6 @@ def resume_changes(saved: dict[str, Any], wanted: dict[str, Any]) -> dict[str, t
 def train(recipe_path: Path | None, overrides: list[str], out_dir: Path | None, resume_dir: Path | None, *,
           group: dict[str, str] | None = None) -> tuple[Path, dict[str, Any]]:
     """Validate everything, then train; returns (run dir, final metrics). ``group``: see RunInfo.group."""
-    dist.init()  # under torchrun: join the process group
     if resume_dir is not None:
         rd = RunDir(resume_dir).require_run()
         rpath = rd / RunDir.RECIPE
@@ -82,10 +81,13 @@ def train(recipe_path: Path | None, overrides: list[str], out_dir: Path | None, 
         recipe = validate(apply_overrides(read_toml(recipe_path), overrides), str(recipe_path))
         if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
             raise FerError(f"--out {out_dir}: exists and is not a directory")
-        rd = RunDir(dist.broadcast(out_dir or default_out_dir(recipe)))  # one directory, named by rank 0's clock
+        rd = None
     n = dist.world_size()
-    if recipe.train.batch_size % n:
+    if recipe.train.batch_size % n:  # before joining the process group: every rank refuses on its own
         raise FerError(f"train.batch_size: {recipe.train.batch_size} is the global batch and must divide by the {n} processes")
+    dist.init()  # under torchrun: join the process group
+    if rd is None:
+        rd = RunDir(dist.broadcast(out_dir or default_out_dir(recipe)))  # one directory, named by rank 0's clock
     with rd.lock():
         return _train_locked(rd, recipe, resume_dir is not None, overrides, group)
 

@@ -13,9 +13,10 @@ CORE = REPO / "fer_core"
 #: libraries that belong to techniques, never to the kernel
 FORBIDDEN = {"timm", "torchvision", "albumentations", "mlflow", "optuna", "transformers", "peft", "onnx",
              "onnxruntime", "cv2", "fer_plugins"}
-#: issue 9 set 2,500; data-parallel training (dist.py, the engine's DDP path, the sharded loader)
-#: and run groups for trackers added ~90 lines of kernel code in issue 11
-MAX_CODE_LINES = 2600
+#: issue 9 set 2,500; issue 11's data-parallel training (dist.py, the engine's DDP path, the
+#: sharded loader), run groups for trackers and the leak warning, and issue 12's metric-driven
+#: schedules added ~110 lines of kernel code
+MAX_CODE_LINES = 2650
 
 
 def _imports(path: Path) -> set[str]:
