@@ -1,0 +1,223 @@
+"""The accuracy staircase (issue 12): the plan's phases as cumulative stages on FER2013; resumable.
+
+Every stage is `recipes/staircase/fer2013_stage0.toml` plus the overrides of the stages below it
+plus its own (STAGES), trained by `fer repeat` over its seeds into bench/out/staircase/<stage>
+(not committed). Training selects on val (PublicTest) only; the test split is never read. A stage
+with `tta` is also evaluated with `fer eval RUN --tta` (ten-crop: 4 corners + centre, mirrored)
+per seed. When a stage finishes, its record — per-seed accuracy, macro-F1, per-class recall,
+minutes, ms/image and MB — goes to bench/results/staircase/<stage>.json (committed), and the
+"staircase" section of docs/results.md is rewritten from every record. A stage with a record is
+skipped; an interrupted one is resumed by the same `fer repeat` (per seed, from its last epoch).
+
+Budget (2-core CPU with native bf16, ~12 CPU-hours for everything, a single run ≤ 3 h):
+`--plan` prints each stage's estimated minutes from the throughputs measured on this machine.
+
+    .venv/bin/python bench/staircase.py --plan            # what would run, and for how long
+    .venv/bin/python bench/staircase.py                   # every stage, in order
+    .venv/bin/python bench/staircase.py --stage s1_data   # one stage (its parents must be decided)
+    .venv/bin/python bench/staircase.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "bench")]
+from fer_core.api import atomic_write_text  # noqa: E402
+from results_doc import update_section  # noqa: E402
+
+BASE = "recipes/staircase/fer2013_stage0.toml"
+OUT = REPO / "bench" / "out" / "staircase"
+RECORDS = REPO / "bench" / "results" / "staircase"
+
+TEN_CROP = 'tta={ plugin = "standard", identity = false, crops = 5, crop_fraction = 0.9, hflip = true }'
+
+
+@dataclass
+class Stage:
+    name: str
+    parent: str | None  # the stage whose overrides this one adds to
+    adds: str  # what it adds, in words (the table's second column)
+    plan: str  # the plan's promise for this phase
+    overrides: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    tta: bool = False
+    img_s: float = 329.0  # training images/s measured here at this model and input size (estimate)
+
+
+STAGES = [
+    Stage("s0_current", None, "the plan's current status: ResNet-18 from scratch, 48 px, basic transforms, "
+          "CE, StepLR, 30 epochs, no TTA", "< 60 %", seeds=[0, 1, 2]),
+    Stage("s1_data", "s0_current", "augmentation for 48-px grey faces (faces48: scale jitter, flip, ±10°, "
+          "random erasing) + Mixup/CutMix", "65–70 %",
+          ['augment={ plugin = "albumentations", preset = "faces48" }',
+           'batch_transforms=[{ plugin = "mix", mixup_alpha = 0.2, cutmix_alpha = 1.0, prob = 0.5, '
+           'switch_prob = 0.5, off_last_epochs = 3 }]'], seeds=[0, 1]),
+    Stage("s1b_balance", "s1_data", "+ class balance (effective-number weighted CE)", "(part of 65–70 %)",
+          ['loss={ plugin = "weighted_cross_entropy", weights = "effective", beta = 0.999 }']),
+    Stage("s2a_input64", "s1_data", "model level: input 64 px (more resolution after the stem)", "72–78 %",
+          ["model.backbone.input_size=64"], img_s=287.0),
+    Stage("s2b_mobilenetv2", "s1_data", "model level: ImageNet MobileNetV2 (../shared/weights) at 96 px",
+          "72–78 %", ['model.backbone={ plugin = "torchvision", name = "mobilenet_v2", input_size = 96, '
+                      'pretrained = "../shared/weights/mobilenet_v2-b0353104.pth" }',
+                      'optimizer={ plugin = "adamw", lr = 0.001, weight_decay = 0.01 }',
+                      'schedule={ plugin = "cosine", min_lr = 1e-5 }', "train.epochs=20"], img_s=140.0),
+    # parent: the better of s2a/s2b on val, decided by hand after both ran (say which in the note)
+    Stage("s3_training", "s2a_input64", "training level: label smoothing 0.1, model EMA, plateau schedule, "
+          "50 epochs, ten-crop TTA", "75–82 %",
+          ['loss={ plugin = "label_smoothing", smoothing = 0.1 }', 'callbacks=[{ plugin = "ema", decay = 0.999 }]',
+           'schedule={ plugin = "plateau", factor = 0.2, patience = 4 }', "train.epochs=50", TEN_CROP],
+          seeds=[0, 1, 2], tta=True, img_s=287.0),
+]
+# Stage 4 (system level) is still to be added once stage 3 has run: `fer tune` over stage 3's recipe
+# (a stated trial budget), an ensemble of stage 3's seeds and s2b (`fer ensemble`, < 500 MB; no
+# training), and one student distilled from that ensemble.
+BY_NAME = {s.name: s for s in STAGES}
+TRAIN_IMAGES = 28_709
+
+
+def overrides(stage: Stage) -> list[str]:
+    chain = []
+    s: Stage | None = stage
+    while s is not None:
+        chain.append(s)
+        s = BY_NAME[s.parent] if s.parent else None
+    return [o for s in reversed(chain) for o in s.overrides] + [f"name={json.dumps('staircase_' + stage.name)}"]
+
+
+def epochs(stage: Stage) -> int:
+    n = 30
+    for o in overrides(stage):
+        if o.startswith("train.epochs="):
+            n = int(o.split("=", 1)[1])
+    return n
+
+
+def estimate_minutes(stage: Stage) -> float:
+    """Per seed: training at the measured rate, plus ~8 % for validation each epoch."""
+    return epochs(stage) * TRAIN_IMAGES / stage.img_s / 60 * 1.08
+
+
+def repeat_args(stage: Stage) -> list[str]:
+    args = ["repeat", BASE, "--seeds", ",".join(map(str, stage.seeds)),
+            "--out", str((OUT / stage.name).relative_to(REPO))]
+    for o in overrides(stage):
+        args += ["-o", o]
+    return args
+
+
+def fer(args: list[str], log: Path) -> int:
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    print(f"[{time.strftime('%H:%M:%S')}] fer {shlex.join(args)}", flush=True)
+    with open(log, "a") as f:
+        return subprocess.run([str(REPO / ".venv" / "bin" / "fer"), *args], cwd=REPO, env=env,
+                              stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def run_stage(stage: Stage) -> dict | None:
+    record = RECORDS / f"{stage.name}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    out = OUT / stage.name
+    t0 = time.time()
+    if fer(repeat_args(stage), out.with_suffix(".log")) != 0:
+        print(f"  {stage.name}: fer repeat failed; see {out.with_suffix('.log')}", flush=True)
+        return None
+    rep = json.loads((out / "repeat.json").read_text())
+    seeds = []
+    for r in rep["runs"]:
+        run = out / r["dir"]
+        m = json.loads((run / "metrics.json").read_text())
+        status = json.loads((run / "run.json").read_text())
+        evals = {}
+        for kind, extra in (("plain", []), ("tta", ["--tta"]) if stage.tta else ()):  # ms/image; ten-crop
+            path = run / f"eval_{kind}.json"
+            if not path.is_file() and fer(["eval", str(run.relative_to(REPO)), *extra, "--json",
+                                           str(path.relative_to(REPO))], out.with_suffix(".log")) != 0:
+                return None
+            evals[kind] = json.loads(path.read_text())
+        row = {"seed": r["seed"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+               "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()},
+               "best_epoch": m["best_epoch"], "precision": status.get("precision"),
+               "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
+               "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"]}
+        if "tta" in evals:
+            t = evals["tta"]
+            row |= {"tta_accuracy": t["accuracy"], "tta_macro_f1": t["macro_f1"],
+                    "tta_ms_per_image": t["inference"]["batched_ms_per_image"]}
+        seeds.append(row)
+    rec = {"stage": stage.name, "adds": stage.adds, "plan": stage.plan, "epochs": epochs(stage),
+           "seeds": seeds, "minutes_total": round((time.time() - t0) / 60, 1),
+           "command": "fer " + shlex.join(repeat_args(stage))}
+    RECORDS.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(rec, indent=2) + "\n")
+    return rec
+
+
+def _ms(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def report() -> str:
+    lines = ["## The accuracy staircase (FER2013 val)", "",
+             "Produced by `bench/staircase.py` (resumable); records in `bench/results/staircase/`, each with",
+             "its exact command. Cumulative stages over `recipes/staircase/fer2013_stage0.toml`; mean ± sample",
+             "std over seeds (n = seeds run); Δ against the parent stage. The test split is never used.", "",
+             "| stage | what it adds | plan's promise | n | accuracy | macro-F1 | Δ acc | with TTA | min/run |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    recs = {s.name: json.loads((RECORDS / f"{s.name}.json").read_text())
+            for s in STAGES if (RECORDS / f"{s.name}.json").is_file()}
+    for s in STAGES:
+        r = recs.get(s.name)
+        if r is None:
+            lines.append(f"| {s.name} | {s.adds} | {s.plan} | — | not run yet | | | | ~{estimate_minutes(s):.0f} (est.) |")
+            continue
+        acc = [x["accuracy"] for x in r["seeds"]]
+        f1 = [x["macro_f1"] for x in r["seeds"]]
+        parent = recs.get(s.parent or "")
+        delta = (f"{100 * (statistics.mean(acc) - statistics.mean(x['accuracy'] for x in parent['seeds'])):+.2f}"
+                 if parent else "")
+        tta = _ms([x["tta_accuracy"] for x in r["seeds"] if "tta_accuracy" in x])
+        lines.append(f"| {s.name} | {s.adds} | {s.plan} | {len(acc)} | {_ms(acc)} | {_ms(f1)} | {delta} | {tta} | "
+                     f"{r['minutes_total'] / max(len(acc), 1):.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--stage", choices=list(BY_NAME))
+    ap.add_argument("--plan", action="store_true", help="print the stages and their estimated minutes")
+    ap.add_argument("--report-only", action="store_true")
+    args = ap.parse_args()
+    if args.plan:
+        total = 0.0
+        for s in STAGES:
+            m = estimate_minutes(s) * len(s.seeds)
+            total += m
+            print(f"{s.name:18} {len(s.seeds)} seed(s) × {epochs(s)} epochs ≈ {m / 60:.1f} h   {s.adds}")
+        print(f"total ≈ {total / 60:.1f} CPU-hours (2 threads)")
+        return
+    if not args.report_only:
+        for s in [BY_NAME[args.stage]] if args.stage else STAGES:
+            run_stage(s)
+            update_section("staircase", report())
+    update_section("staircase", report())
+
+
+if __name__ == "__main__":
+    main()

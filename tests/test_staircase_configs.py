@@ -1,0 +1,49 @@
+"""Every stage bench/staircase.py trains is a valid recipe with the intended values: a typo in an
+override would otherwise surface hours into the staircase. Nothing here trains."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from fer_core.recipe import load
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("staircase", REPO / "bench" / "staircase.py")
+staircase = importlib.util.module_from_spec(spec)
+sys.modules["staircase"] = staircase  # its dataclasses look their module up
+spec.loader.exec_module(staircase)
+
+
+def resolved(stage) -> dict:
+    args = staircase.repeat_args(stage)
+    ovs = [args[i + 1] for i, a in enumerate(args) if a == "-o"]
+    return load(REPO / args[1], [*ovs, "train.seed=0"])[1]
+
+
+@pytest.mark.parametrize("stage", staircase.STAGES, ids=lambda s: s.name)
+def test_every_stage_is_a_valid_recipe(stage):
+    r = resolved(stage)
+    assert r["name"] == f"staircase_{stage.name}"
+    assert r["data"]["root"] == "../shared/data/fer2013" and r["train"]["epochs"] == staircase.epochs(stage)
+
+
+def test_stages_are_cumulative():
+    s0, s1, s3 = (resolved(staircase.BY_NAME[n]) for n in ("s0_current", "s1_data", "s3_training"))
+    assert s0["augment"]["plugin"] == "basic" and s0["loss"]["plugin"] == "cross_entropy" and not s0["batch_transforms"]
+    assert s0["schedule"]["plugin"] == "step" and s0.get("tta") is None
+    assert s1["augment"]["preset"] == "faces48" and s1["batch_transforms"][0]["plugin"] == "mix"
+    # stage 3 keeps stage 1's data level and stage 2a's input size, and adds its own
+    assert s3["augment"]["preset"] == "faces48" and s3["model"]["backbone"]["input_size"] == 64
+    assert s3["loss"]["plugin"] == "label_smoothing" and s3["schedule"]["plugin"] == "plateau"
+    assert [c["plugin"] for c in s3["callbacks"]] == ["ema"]
+    assert s3["tta"]["crops"] == 5 and s3["tta"]["hflip"] is True and s3["tta"]["identity"] is False
+
+
+def test_the_plan_fits_the_budget():
+    """The issue's budget: ~12 CPU-hours in all, no single run over 3 hours."""
+    assert sum(staircase.estimate_minutes(s) * len(s.seeds) for s in staircase.STAGES) <= 12 * 60
+    assert max(staircase.estimate_minutes(s) for s in staircase.STAGES) <= 180
