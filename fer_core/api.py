@@ -22,8 +22,8 @@ from .kinds import BY_NAME, KINDS, Kind, hookimpl
 from .metrics import classification_metrics, ece, nll, reliability, sigmoid, softmax
 from .plots import confusion_matrix_figure, confusion_matrix_png, figure_png
 from .predictor import (RunPredictor, adapt_images, calibration_report, class_index, fit_calibrator,
-                        evaluate_predictions, guard_not_test, load_predictor, predict, single_image_latency_ms,
-                        split_samples)
+                        evaluate_predictions, guard_not_test, load_predictor, predict, shipped_model,
+                        single_image_latency_ms, split_samples)
 from .recipe import Component as RecipeTable
 from .recipe import Recipe, apply_overrides, dump_toml, read_toml, resolved, validate, validation_message
 from .registry import Registry, get_registry

@@ -65,6 +65,8 @@ KINDS: tuple[Kind, ...] = (
     Kind("tuner", "register_tuners", "", "Tuner", "[tune]", doc="searches recipe values"),
     Kind("detector", "register_detectors", "", "Detector", "[detect]", doc="finds faces: boxes, scores, landmarks"),
     Kind("exporter", "register_exporters", "", "Exporter", "", doc="writes a run as a deployable file"),
+    Kind("shipped_model", "register_shipped_models", "", "Path (a run directory, e.g. packed by `fer pack`)", "",
+         doc="a trained model installed with a package, addressable by name wherever a run is (`fer eval default`)"),
 )
 
 BY_NAME: dict[str, Kind] = {k.name: k for k in KINDS}

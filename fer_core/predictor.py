@@ -117,15 +117,28 @@ def calibration_spec(ckpt: dict[str, Any], recipe: Recipe) -> dict[str, Any]:
     return {"plugin": recipe.calibration.plugin, "params": recipe.calibration.params(), "state": None}
 
 
-class RunPredictor:
-    """A finished run's best checkpoint as a Predictor."""
+def shipped_model(name: Path | str) -> Path | None:
+    """The run directory a ``shipped_model`` plugin installed under this name (``default``), when
+    ``name`` is such a name and not a path that exists."""
+    if Path(name).exists() or Path(name).name != str(name):
+        return None
+    comp = get_registry().components["shipped_model"].get(str(name))
+    return Path(comp.factory()) if comp is not None else None
 
-    def __init__(self, run_dir: Path, overrides: Sequence[str] = (), device: str | None = None) -> None:
+
+class RunPredictor:
+    """A finished run's best checkpoint as a Predictor (also a shipped model, by its name)."""
+
+    def __init__(self, run_dir: Path | str, overrides: Sequence[str] = (), device: str | None = None) -> None:
+        installed = shipped_model(run_dir)
+        #: the name of a shipped model (its directory is read-only: outputs go elsewhere), else None
+        self.shipped: str | None = str(run_dir) if installed else None
+        run_dir = installed or run_dir
         rd = RunDir(run_dir).require_run()
         rpath = rd / RunDir.RECIPE
-        self.path, self.name = Path(run_dir), Path(run_dir).name
+        self.path, self.name = Path(run_dir), self.shipped or Path(run_dir).name
         self.recipe = validate(apply_overrides(read_toml(rpath), list(overrides)), str(rpath))
-        ckpt = rd.load(RunDir.BEST)
+        ckpt = rd.load_best()
         self.classes, self.au_names = list(ckpt["classes"]), list(ckpt.get("au_names", []))
         self.registry: Registry = get_registry(self.recipe.plugins.disable)
         backbone = self.recipe.model.backbone
@@ -135,7 +148,7 @@ class RunPredictor:
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
-            raise FerError(f"{rd / RunDir.BEST}: the weights do not fit the recipe's model ({str(e).splitlines()[0]})") from None
+            raise FerError(f"{rd.best_file()}: the weights do not fit the recipe's model ({str(e).splitlines()[0]})") from None
         self.device = resolve_device(device or self.recipe.train.device)
         self.model.to(self.device).eval()
         self.precision = resolve_precision(self.recipe.train.precision, self.device)
@@ -174,16 +187,17 @@ class RunPredictor:
         return torch.as_tensor(self.calibrator(raw.cpu().numpy()), dtype=torch.float32, device=images.device)
 
     def size_mb(self) -> float:
-        return (self.path / RunDir.BEST).stat().st_size / 2**20
+        return RunDir(self.path).best_file().stat().st_size / 2**20
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "run", "path": str(self.path), "calibration": self.calibration["plugin"]}
+        return {"kind": "run", "path": str(self.path), "calibration": self.calibration["plugin"],
+                **({"shipped": self.shipped} if self.shipped else {})}
 
 
 def load_predictor(path: Path | str, overrides: Sequence[str] = (), device: str | None = None) -> Predictor:
     """A run directory, or any artifact an ``artifact`` plugin recognises (ensembles, exports)."""
     path = Path(path)
-    if RunDir(path).is_run():
+    if RunDir(path).is_run() or shipped_model(path):
         return RunPredictor(path, overrides, device)
     reg = get_registry()
     for comp in reg.components["artifact"].values():
@@ -191,7 +205,9 @@ def load_predictor(path: Path | str, overrides: Sequence[str] = (), device: str 
         if found is not None:
             return found
     if not path.exists():
-        raise FerError(f"{path}: no such run directory or file")
+        names = sorted(reg.components["shipped_model"])
+        raise FerError(f"{path}: no such run directory or file (shipped models installed: "
+                       f"{', '.join(names) if names else 'none'})")
     raise FerError(f"{path}: not a fer run directory (no {RunDir.RECIPE}) nor an artifact any plugin reads")
 
 

@@ -31,6 +31,10 @@ class RunDir:
     RESUME_LOG = "resume.log"
     CONFUSION = "confusion_matrix.png"
     LOCK = ".lock"
+    #: a packed run (`fer pack`, shipped models): the best weights as safetensors, the rest of the
+    #: checkpoint (classes, preprocessing, calibration) as JSON beside them, no pickle at all
+    PACKED_WEIGHTS = "model.safetensors"
+    PACKED_META = "model.json"
     #: stale ``.name.xxxx.tmp`` files of writes killed half-way are older than this
     STALE_TMP_SECONDS = 60
 
@@ -100,12 +104,32 @@ class RunDir:
     def load(self, name: str, map_location: Any = "cpu") -> dict[str, Any]:
         return checkpoint.load(self.path / name, map_location)
 
+    def best_file(self) -> Path:
+        best = self.path / self.BEST
+        return best if best.is_file() or not (self.path / self.PACKED_WEIGHTS).is_file() else self.path / self.PACKED_WEIGHTS
+
+    def load_best(self, map_location: Any = "cpu") -> dict[str, Any]:
+        """The best checkpoint: ``best.pt``, or a packed run's safetensors + JSON."""
+        path = self.best_file()
+        if path.name != self.PACKED_WEIGHTS:
+            return self.load(self.BEST, map_location)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            weights = load_file(path, device=str(map_location))
+        except (SafetensorError, OSError) as e:
+            raise FerError(f"{path}: not a readable safetensors file ({e})") from None
+        return {**self.read_json(self.PACKED_META, {}), "model": weights}
+
     def save(self, name: str, state: dict[str, Any]) -> None:
         if dist.is_main():
             checkpoint.save(self.path / name, state)
 
     def store_calibration(self, calibration: dict[str, Any]) -> None:
-        """Put the fitted calibrator (plugin, params, state) into best.pt."""
+        """Put the fitted calibrator (plugin, params, state) into best.pt (a packed run's model.json)."""
+        if self.best_file().name == self.PACKED_WEIGHTS:
+            self.write_json(self.PACKED_META, {**self.read_json(self.PACKED_META, {}), "calibration": calibration})
+            return
         best = self.load(self.BEST)
         best["calibration"] = calibration
         best.pop("temperature", None)

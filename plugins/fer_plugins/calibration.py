@@ -94,12 +94,15 @@ def calibrate_run(run_dir: Path, split: str | None = None) -> dict[str, Any]:
     """Fit the calibrator of an existing run on a validation split and store it in best.pt (and
     metrics.json): for runs trained before calibration existed, or on other data."""
     pred = RunPredictor(run_dir)
+    if pred.shipped:
+        raise FerError(f"{run_dir}: a shipped model is installed read-only; `fer pack {run_dir} --out DIR` "
+                       "makes a copy you can recalibrate")
     split = split or pred.recipe.data.val_split
     guard_not_test(split, "calibrate")
     split, samples = split_samples(pred, split)
     p = pred.predict(samples)
     cal, stored = fit_calibrator(pred.recipe, pred.registry, p["logits.emotion"], p["label"])
-    rd = RunDir(run_dir)
+    rd = RunDir(pred.path)
     rd.store_calibration(stored)
     report = {**calibration_report(p["logits.emotion"], cal(p["logits.emotion"]), p["label"]),
               "calibrator": stored["plugin"], "state": stored["state"], "split": split,

@@ -286,8 +286,10 @@ class OnnxExporter:
         self.report: dict[str, Any] = {}
 
     def default_out(self, predictor: Predictor) -> Path:
-        """Next to the run directory, never inside it: ``runs/a`` → ``runs/a.onnx`` (``.int8.onnx``)."""
-        p = Path(predictor.path)
+        """Next to the run directory, never inside it: ``runs/a`` → ``runs/a.onnx`` (``.int8.onnx``); a
+        shipped model (installed read-only) → ``./<name>.onnx``."""
+        shipped = getattr(predictor, "shipped", None)
+        p = Path(shipped) if shipped else Path(predictor.path)
         return p.with_name(p.name + (".int8" if self.int8 else "") + SUFFIX)
 
     # -- steps

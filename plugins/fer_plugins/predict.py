@@ -33,7 +33,7 @@ from rich.text import Text
 
 from fer_core.api import (FerError, Overrides, Predictor, Preprocessing, apply_overrides,
                           atomic_write_text, autocast, console, eval_transform, get_registry, hookimpl, load_image,
-                          load_predictor, sigmoid, softmax, stdout, warn)
+                          load_predictor, shipped_model, sigmoid, softmax, stdout, warn)
 from fer_plugins.faces import BOX_MARGIN, METHODS, TEMPLATES, Alignment, crop_face
 
 # FFmpeg's own log lines ("moov atom not found") would duplicate the one line we print per bad video
@@ -194,9 +194,11 @@ def read_frames(inp: Input, every: int, keep_image: bool,
 # ------------------------------------------------------------------ faces and inference
 
 
-def default_model() -> Path:
-    """The model used when ``--model`` is not given (the shipped model, once one is installed)."""
-    raise FerError(NO_SHIPPED_MODEL)
+def default_model() -> str:
+    """The model used when ``--model`` is not given: the shipped model named ``default``."""
+    if shipped_model("default") is None:
+        raise FerError(NO_SHIPPED_MODEL)
+    return "default"
 
 
 def au_probabilities(pred: Predictor, x: torch.Tensor, pre: Preprocessing) -> np.ndarray | None:
@@ -497,7 +499,7 @@ def predict_command(inputs: Sequence[Path] | None, model: str, json_out: Path | 
     if align not in ("auto", "box", "similarity"):
         raise FerError(f"--align: unknown method '{align}' (expected auto, box or similarity)")
     spec = None if no_detect else detector_spec(detector, detector_options, device)
-    pred = load_predictor(default_model() if model == "default" else Path(model), list(overrides), device)
+    pred = load_predictor(default_model() if model == "default" else model, list(overrides), device)
     alignment = parse_alignment(align, margin, template, no_detect, pred.preprocessing)
     det = None if spec is None else get_registry().build("detector", spec, "detect")
     classes, au_names = list(pred.classes), list(pred.au_names)

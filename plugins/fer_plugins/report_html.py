@@ -548,7 +548,8 @@ def write_report(run_dir: Path, out_dir: Path | None = None, *, split: str | Non
     and write ``out_dir/report.html`` (default ``run_dir/report``) with its figures as PNGs
     beside it and embedded in it. Returns the HTML path."""
     pred = RunPredictor(Path(run_dir), overrides)
-    out = Path(out_dir) if out_dir is not None else pred.path / "report"
+    # a shipped model's directory is installed read-only: its report goes to ./report-<name>
+    out = Path(out_dir) if out_dir is not None else (Path(f"report-{pred.name}") if pred.shipped else pred.path / "report")
     ev = evaluate_split(pred, split)
     files = RunFiles.read(pred)
     figs = draw_figures(pred, ev, files, out, gradcam)
@@ -570,7 +571,7 @@ def register_commands(cli):
     def report(
         run_dir: RunArgument,
         split: Annotated[Optional[str], typer.Option("--split", help="Split to analyse (default: validation).")] = None,
-        out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default RUN/report).")] = None,
+        out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default RUN/report; ./report-NAME for a shipped model).")] = None,
         no_gradcam: Annotated[bool, typer.Option("--no-gradcam", help="Skip the Grad-CAM grid (faster).")] = False,
         override: Overrides = None,
     ) -> None:
