@@ -4,16 +4,19 @@ Every stage is `recipes/staircase/fer2013_stage0.toml` plus the overrides of the
 plus its own (STAGES), trained by `fer repeat` over its seeds into bench/out/staircase/<stage>
 (not committed). Training selects on val (PublicTest) only; the test split is never read. A stage
 with `tta` is also evaluated with `fer eval RUN --tta` (ten-crop: 4 corners + centre, mirrored)
-per seed. When a stage finishes, its record — per-seed accuracy, macro-F1, per-class recall,
-minutes, ms/image and MB — goes to bench/results/staircase/<stage>.json (committed), and the
-"staircase" section of docs/results.md is rewritten from every record. A stage with a record is
-skipped; an interrupted one is resumed by the same `fer repeat` (per seed, from its last epoch).
+per seed. When a seed finishes, its record — accuracy, macro-F1, per-class recall, minutes, device and
+precision, ms/image and MB — goes to bench/results/staircase/<stage>/seed-N.json at once (with
+`--commit` it is also committed at once: only committed files outlive a session's machine), and
+the "staircase" section of docs/results.md is rewritten from every record. A seed with a record
+is skipped; an interrupted one is resumed by the same `fer repeat` (from its last epoch) while
+bench/out survives. Stages that later stages build on (`keep`) also commit their seeds' best
+weights, packed as fp16 safetensors (`fer pack --half`), beside the record.
 
 Budget (2-core CPU with native bf16, ~12 CPU-hours for everything, a single run ≤ 3 h):
 `--plan` prints each stage's estimated minutes from the throughputs measured on this machine.
 
     .venv/bin/python bench/staircase.py --plan            # what would run, and for how long
-    .venv/bin/python bench/staircase.py                   # every stage, in order
+    .venv/bin/python bench/staircase.py --commit          # every stage, in order, committing each seed
     .venv/bin/python bench/staircase.py --stage s1_data   # one stage (its parents must be decided)
     .venv/bin/python bench/staircase.py --report-only
 """
@@ -52,6 +55,8 @@ class Stage:
     overrides: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
     tta: bool = False
+    #: pack each seed's best weights (fp16) beside its record: later stages build on them
+    keep: bool = False
     img_s: float = 329.0  # training images/s measured here at this model and input size (estimate)
 
 
@@ -108,8 +113,8 @@ def estimate_minutes(stage: Stage) -> float:
     return epochs(stage) * TRAIN_IMAGES / stage.img_s / 60 * 1.08
 
 
-def repeat_args(stage: Stage) -> list[str]:
-    args = ["repeat", BASE, "--seeds", ",".join(map(str, stage.seeds)),
+def repeat_args(stage: Stage, seeds: list[int] | None = None) -> list[str]:
+    args = ["repeat", BASE, "--seeds", ",".join(map(str, stage.seeds if seeds is None else seeds)),
             "--out", str((OUT / stage.name).relative_to(REPO))]
     for o in overrides(stage):
         args += ["-o", o]
@@ -125,44 +130,94 @@ def fer(args: list[str], log: Path) -> int:
                               stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def run_stage(stage: Stage) -> dict | None:
-    record = RECORDS / f"{stage.name}.json"
+def seed_record(stage: Stage, seed: int) -> Path:
+    return RECORDS / stage.name / f"seed-{seed}.json"
+
+
+def commit(paths: list[Path], message: str) -> None:
+    """Commit just these files (`git commit --only`): a session's machine may stop at any time, and
+    only what is committed survives it; other work in progress in the checkout is left alone."""
+    rel = [str(p.relative_to(REPO)) for p in paths]
+    for attempt in range(10):  # another git command may hold the index lock for a moment
+        subprocess.run(["git", "add", "--", *rel], cwd=REPO, capture_output=True)
+        subprocess.run(["git", "commit", "-q", "-m", message, "--only", "--", *rel], cwd=REPO, capture_output=True)
+        left = subprocess.run(["git", "status", "--porcelain", "--", *rel], cwd=REPO, capture_output=True, text=True)
+        if left.returncode == 0 and not left.stdout.strip():
+            return
+        time.sleep(3)
+    print(f"  could not commit {', '.join(rel)}; commit them by hand", flush=True)
+
+
+def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | None:
+    """One seed of a stage: train (resumable within a session), evaluate (plain, and ten-crop when
+    the stage has TTA), write its record at once; with ``keep``, also its best weights packed as
+    fp16 safetensors beside the record, for the stages that build on trained models (ensemble,
+    teacher, shipped model) in a later session."""
+    record = seed_record(stage, seed)
     if record.is_file():
         return json.loads(record.read_text())
     out = OUT / stage.name
+    log = out.with_suffix(".log")
     t0 = time.time()
-    if fer(repeat_args(stage), out.with_suffix(".log")) != 0:
-        print(f"  {stage.name}: fer repeat failed; see {out.with_suffix('.log')}", flush=True)
+    args = repeat_args(stage, [seed])
+    if fer(args, log) != 0:
+        print(f"  {stage.name} seed {seed}: fer repeat failed; see {log}", flush=True)
         return None
     rep = json.loads((out / "repeat.json").read_text())
-    seeds = []
-    for r in rep["runs"]:
-        run = out / r["dir"]
-        m = json.loads((run / "metrics.json").read_text())
-        status = json.loads((run / "run.json").read_text())
-        evals = {}
-        for kind, extra in (("plain", []), ("tta", ["--tta"]) if stage.tta else ()):  # ms/image; ten-crop
-            path = run / f"eval_{kind}.json"
-            if not path.is_file() and fer(["eval", str(run.relative_to(REPO)), *extra, "--json",
-                                           str(path.relative_to(REPO))], out.with_suffix(".log")) != 0:
-                return None
-            evals[kind] = json.loads(path.read_text())
-        row = {"seed": r["seed"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-               "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()},
-               "best_epoch": m["best_epoch"], "precision": status.get("precision"),
-               "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
-               "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"]}
-        if "tta" in evals:
-            t = evals["tta"]
-            row |= {"tta_accuracy": t["accuracy"], "tta_macro_f1": t["macro_f1"],
-                    "tta_ms_per_image": t["inference"]["batched_ms_per_image"]}
-        seeds.append(row)
-    rec = {"stage": stage.name, "adds": stage.adds, "plan": stage.plan, "epochs": epochs(stage),
-           "seeds": seeds, "minutes_total": round((time.time() - t0) / 60, 1),
-           "command": "fer " + shlex.join(repeat_args(stage))}
-    RECORDS.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(record, json.dumps(rec, indent=2) + "\n")
-    return rec
+    r = next(x for x in rep["runs"] if x["seed"] == seed)
+    run = out / r["dir"]
+    m = json.loads((run / "metrics.json").read_text())
+    status = json.loads((run / "run.json").read_text())
+    evals = {}
+    for kind, extra in (("plain", []), ("tta", ["--tta"]) if stage.tta else ()):  # ms/image; ten-crop
+        path = run / f"eval_{kind}.json"
+        if not path.is_file() and fer(["eval", str(run.relative_to(REPO)), *extra, "--json",
+                                       str(path.relative_to(REPO))], log) != 0:
+            return None
+        evals[kind] = json.loads(path.read_text())
+    row = {"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
+           "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()},
+           "best_epoch": m["best_epoch"], "epochs_run": m.get("epochs_run"), "precision": status.get("precision"),
+           "device": status.get("device"), "started": status.get("started"), "ended": status.get("ended"),
+           "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
+           "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"],
+           "minutes": round((time.time() - t0) / 60, 1), "command": "fer " + shlex.join(args)}
+    if "tta" in evals:
+        t = evals["tta"]
+        row |= {"tta_accuracy": t["accuracy"], "tta_macro_f1": t["macro_f1"],
+                "tta_ms_per_image": t["inference"]["batched_ms_per_image"]}
+    written = [record]
+    if keep:
+        packed = record.with_suffix("")  # RECORDS/<stage>/seed-N/
+        if not packed.exists() and fer(["pack", str(run.relative_to(REPO)), "--out", str(packed.relative_to(REPO)),
+                                        "--half"], log) != 0:
+            return None
+        row["packed"] = str(packed.relative_to(REPO))
+        written += sorted(packed.iterdir())
+    record.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(record, json.dumps(row, indent=2) + "\n")
+    if do_commit:
+        update_section("staircase", report())
+        commit([*written, REPO / "docs" / "results.md"],
+               f"staircase: {stage.name} seed {seed}: val accuracy {100 * row['accuracy']:.2f} %")
+    return row
+
+
+def stage_record(stage: Stage) -> dict | None:
+    """Every seed's record of a stage, once all are there (the table reads these)."""
+    rows = [json.loads(seed_record(stage, s).read_text()) for s in stage.seeds if seed_record(stage, s).is_file()]
+    if len(rows) < len(stage.seeds):
+        return None
+    return {"stage": stage.name, "adds": stage.adds, "plan": stage.plan, "epochs": epochs(stage), "seeds": rows,
+            "minutes_total": round(sum(r["minutes"] for r in rows), 1),
+            "command": "fer " + shlex.join(repeat_args(stage))}
+
+
+def run_stage(stage: Stage, do_commit: bool = False) -> dict | None:
+    for seed in stage.seeds:
+        if run_seed(stage, seed, stage.keep, do_commit) is None:
+            return None
+    return stage_record(stage)
 
 
 def _ms(values: list[float]) -> str:
@@ -180,12 +235,13 @@ def report() -> str:
              "std over seeds (n = seeds run); Δ against the parent stage. The test split is never used.", "",
              "| stage | what it adds | plan's promise | n | accuracy | macro-F1 | Δ acc | with TTA | min/run |",
              "|---|---|---|---|---|---|---|---|---|"]
-    recs = {s.name: json.loads((RECORDS / f"{s.name}.json").read_text())
-            for s in STAGES if (RECORDS / f"{s.name}.json").is_file()}
+    recs = {s.name: r for s in STAGES if (r := stage_record(s)) is not None}
     for s in STAGES:
         r = recs.get(s.name)
         if r is None:
-            lines.append(f"| {s.name} | {s.adds} | {s.plan} | — | not run yet | | | | ~{estimate_minutes(s):.0f} (est.) |")
+            done = sum(seed_record(s, k).is_file() for k in s.seeds)
+            lines.append(f"| {s.name} | {s.adds} | {s.plan} | {done}/{len(s.seeds)} seeds | not finished | | | | "
+                         f"~{estimate_minutes(s):.0f} (est.) |")
             continue
         acc = [x["accuracy"] for x in r["seeds"]]
         f1 = [x["macro_f1"] for x in r["seeds"]]
@@ -203,6 +259,8 @@ def main() -> None:
     ap.add_argument("--stage", choices=list(BY_NAME))
     ap.add_argument("--plan", action="store_true", help="print the stages and their estimated minutes")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--commit", action="store_true",
+                    help="git-commit each seed's record (and packed weights) the moment it is written")
     args = ap.parse_args()
     if args.plan:
         total = 0.0
@@ -214,7 +272,7 @@ def main() -> None:
         return
     if not args.report_only:
         for s in [BY_NAME[args.stage]] if args.stage else STAGES:
-            run_stage(s)
+            run_stage(s, args.commit)
             update_section("staircase", report())
     update_section("staircase", report())
 

@@ -19,6 +19,9 @@ from fer_core.api import Preprocessing, Sample, get_registry, load_predictor, so
 from fer_core.cli import main
 from fer_plugins.faces import Alignment, crop_face, umeyama
 from fer_plugins.predict import expand_inputs, predict_command
+from fer_plugins.shipped import MODELS
+
+SHIPPED = (MODELS / "default").is_dir()
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -231,6 +234,23 @@ def test_predict_on_scenes_astronaut_and_a_photo_without_faces(run_dir, scenes, 
     assert [r["probs"] for r in one] == [r["probs"] for r in by_source["scene0.png"]]
 
 
+@pytest.mark.skipif(not SHIPPED, reason="no shipped default model in this checkout")
+def test_predict_a_photo_with_the_shipped_model(tmp_path, capsys, monkeypatch):
+    """The issue's promise: after install, `fer predict photo.jpg` with no model given, no network,
+    no training: one row per face with calibrated probabilities."""
+    monkeypatch.chdir(tmp_path)  # nothing relative to the repository
+    astro = tmp_path / "astronaut.jpg"
+    Image.fromarray(skimage_data.astronaut()).save(astro, quality=95)
+    code, out, err = cli(capsys, "predict", str(astro), "--json", "rows.json")
+    assert code == 0, err
+    rep = json.loads((tmp_path / "rows.json").read_text())
+    assert rep["model"]["name"] == "default" and rep["model"]["shipped"] == "default"
+    (row,) = rep["rows"]
+    assert row["status"] == "ok" and abs(sum(row["probs"].values()) - 1) < 2e-3
+    assert row["top"] == max(row["probs"], key=row["probs"].get)
+    assert iou(row["box"], (180, 60, 270, 175)) > 0.6
+
+
 def test_video_gives_rows_per_sampled_frame(run_dir, tmp_path):
     video = tmp_path / "clip.avi"
     w = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (320, 240))
@@ -350,7 +370,7 @@ def test_au_probabilities_come_from_the_au_head(run_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args,message", [
     ([], "INPUT: give at least one image"),
-    (["x.jpg"], "--model: no shipped model is installed yet"),
+    *([] if SHIPPED else [(["x.jpg"], "--model: no shipped model is installed yet")]),
     (["x.jpg", "--model", "RUN", "--every", "0"], "--every: 0 is not a frame stride"),
     (["x.jpg", "--model", "RUN", "--batch", "0"], "--batch: 0 is not a batch size"),
     (["x.jpg", "--model", "RUN", "--json", "a.json", "--csv", "a.csv"], "--json and --csv: choose one"),
