@@ -365,7 +365,7 @@ def write_video(path: Path, frames: int = 90, size: tuple[int, int] = (640, 480)
     return path
 
 
-def measure_video(model: str, threads: int, batch: int = 64) -> dict:
+def measure_video(model: str, threads: int, batch: int = 64, min_face: int | None = None) -> dict:
     import torch
 
     from fer_plugins.predict import predict_command
@@ -374,7 +374,7 @@ def measure_video(model: str, threads: int, batch: int = 64) -> dict:
     video = write_video(MODEL_OUT / "clip_640x480_90f.avi")
     out = MODEL_OUT / f"video_{model_slug(model)}_t{threads}.json"
     args = dict(model=model, json_out=out, csv_out=None, annotate=None, every=1, batch=batch, no_detect=False,
-                detector="mtcnn", detector_options=[], align="auto", margin=None, template="fer2013", device="cpu",
+                detector="mtcnn", detector_options=[f"min_face_size={min_face}"] if min_face else [], align="auto", margin=None, template="fer2013", device="cpu",
                 overrides=[])
     predict_command([write_video(MODEL_OUT / "clip_warmup.avi", frames=5)], **args)  # loads, warms up
     t0 = time.perf_counter()
@@ -382,6 +382,7 @@ def measure_video(model: str, threads: int, batch: int = 64) -> dict:
     wall = time.perf_counter() - t0
     frames = rep["summary"]["frames"]
     return {"kind": "video", "model": model_slug(model), "threads": threads, "batch": batch, "frames": frames,
+            "detector_options": args["detector_options"],
             "faces": rep["summary"]["faces"], "seconds": wall, "fps": frames / wall,
             "summary": rep["summary"], "video": "640×480 MJPG, 90 frames, two 96-px faces", "machine": machine()}
 
@@ -411,7 +412,8 @@ def measure_models(models: list[str], threads: list[int], max_load: float, allow
         todo += [(MODEL_RECORDS / f"{name}_speed_{b}_b{n}_t{t}.json",
                   lambda b=b, n=n, t=t: measure_model_speed(model, b, n, t), True)
                  for t in threads for n in BATCHES for b in backends]
-        todo += [(MODEL_RECORDS / f"{name}_video_t{t}.json", lambda t=t: measure_video(model, t), True) for t in threads]
+        todo += [(MODEL_RECORDS / f"{name}_video_t{t}{f'_minface{m}' if m else ''}.json",
+                  lambda t=t, m=m: measure_video(model, t, min_face=m), True) for t in threads for m in (None, 48)]
         for path, fn, timed in todo:
             if path.exists():
                 continue
@@ -454,10 +456,12 @@ def model_report(records: list[dict]) -> str:
                      for c in cols]
             lines.append(f"| {b} | {100 * acc['accuracy']:.2f} % | {100 * acc['macro_f1']:.2f} % | " if acc else f"| {b} | — | — | ")
             lines[-1] += " | ".join(cells) + " |"
-        for r in sorted((r for r in recs if r["kind"] == "video"), key=lambda r: r["threads"]):
-            lines += ["", f"`fer predict` on a video ({r['video']}), {r['threads']} thread(s): "
+        for r in sorted((r for r in recs if r["kind"] == "video"), key=lambda r: (r["threads"], r.get("detector_options", []))):
+            opts = " ".join(f"-d {o}" for o in r.get("detector_options", []))
+            lines += ["", f"`fer predict` {opts + ' ' if opts else ''}on a video ({r['video']}), {r['threads']} thread(s): "
                           f"{r['fps']:.1f} frames/s end to end ({r['faces']} faces in {r['frames']} frames, "
-                          f"{r['seconds']:.1f} s)."]
+                          f"{r['seconds']:.1f} s; detection {r['summary']['detect_ms_per_frame']} ms/frame, "
+                          f"recognition {r['summary']['infer_ms_per_face']} ms/face)."]
         lines.append("")
     lines += fer_package_lines(by)
     return "\n".join(lines) + "\n"
