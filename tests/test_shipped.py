@@ -143,6 +143,19 @@ def test_a_shipped_model_is_found_by_name_and_writes_outside_its_directory(shipp
     assert tree(packed[0]) == before  # nothing was written into the shipped model
 
 
+def test_packed_and_shipped_models_are_ensemble_members(run_dir, shipped, tmp_path):
+    out = tmp_path / "ens"
+    code, printed, err = fer("ensemble", str(run_dir), shipped, "--out", str(out))
+    assert code == 0, err
+    members = sorted(p.name for p in (out / "members").iterdir())
+    assert len(members) == 2 and (out / "members" / members[1] / "model.safetensors").is_file()
+    ens = load_predictor(out, device="cpu")
+    val = split_samples(ens, None)[1]
+    single = load_predictor(run_dir, device="cpu").predict(val)["calibrated.emotion"]
+    # two copies of the same weights: the ensemble predicts what each member does
+    assert (ens.predict(val)["calibrated.emotion"].argmax(1) == single.argmax(1)).all()
+
+
 def test_a_path_is_never_taken_for_a_name(shipped, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / shipped).mkdir()  # a folder of that name, not a run, in the working directory

@@ -28,8 +28,8 @@ from rich.table import Table
 from fer_core.api import (KINDS, FerError, Overrides, Predictor, Preprocessing, RecipeTable, RunDir, Sample,
                           TestTimeAugmentation, apply_overrides, atomic_write_json, atomic_write_text, class_index,
                           classification_metrics, dump_toml, get_registry, guard_not_test, hookimpl, load_predictor,
-                          metrics_tables, read_toml, reliability, single_image_latency_ms, softmax, split_samples,
-                          stdout, validation_message)
+                          metrics_tables, read_toml, reliability, shipped_model, single_image_latency_ms, softmax,
+                          split_samples, stdout, validation_message)
 
 ENSEMBLE_FILE = "ensemble.json"
 #: the ensembler a recipe (or the command line) falls back to
@@ -255,10 +255,13 @@ def _member_dir_name(i: int, source: Path) -> str:
 
 
 def _copy_member(src: Path, dst: Path) -> None:
-    """A run: its recipe and best checkpoint (all a Predictor reads); anything else: as it is."""
+    """A run: its recipe and best checkpoint (all a Predictor reads; a packed run's safetensors
+    + JSON); a shipped model by its name: its directory; anything else: as it is."""
+    src = shipped_model(src) or src
     if RunDir(src).is_run():
         dst.mkdir(parents=True)
-        for name in (RunDir.RECIPE, RunDir.BEST):
+        packed = not (src / RunDir.BEST).is_file() and (src / RunDir.PACKED_WEIGHTS).is_file()
+        for name in (RunDir.RECIPE, *((RunDir.PACKED_WEIGHTS, RunDir.PACKED_META) if packed else (RunDir.BEST,))):
             shutil.copy2(src / name, dst / name)
     elif src.is_dir():
         shutil.copytree(src, dst)
