@@ -456,6 +456,11 @@ def model_report(records: list[dict]) -> str:
                      for c in cols]
             lines.append(f"| {b} | {100 * acc['accuracy']:.2f} % | {100 * acc['macro_f1']:.2f} % | " if acc else f"| {b} | — | — | ")
             lines[-1] += " | ".join(cells) + " |"
+        timed = [r for r in recs if r["kind"] in ("speed", "video")]
+        if timed:
+            loads = sorted(r["machine"]["load_1min"] for r in timed)
+            lines += ["", f"Timed on {timed[0]['machine']['processor']} ({timed[0]['machine']['cpus']} cores) with nothing "
+                          f"else running; 1-minute load average {loads[0]}–{loads[-1]} (the measurement's own threads)."]
         for r in sorted((r for r in recs if r["kind"] == "video"), key=lambda r: (r["threads"], r.get("detector_options", []))):
             opts = " ".join(f"-d {o}" for o in r.get("detector_options", []))
             lines += ["", f"`fer predict` {opts + ' ' if opts else ''}on a video ({r['video']}), {r['threads']} thread(s): "
