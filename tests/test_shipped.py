@@ -195,7 +195,7 @@ def test_bad_inputs_are_one_line_and_leave_files_alone(run_dir, packed, tmp_path
 def test_the_shipped_default_model_loads_without_training_or_network():
     pred = load_predictor("default", device="cpu")
     assert pred.shipped == "default"
-    assert [c.lower() for c in pred.classes] == ["angry", "disgust", "fear", "happy", "sad", "surprise", "neutral"]
+    assert [c.lower() for c in pred.classes] == ["angry", "disgust", "fear", "happy", "neutral", "sad", "surprise"]
     card = json.loads((MODELS / "default" / "card.json").read_text())
     assert card["size_mb"] <= 20 and card["validation"]["accuracy"] > 0.5
     x = torch.zeros(2, pred.preprocessing.channels, *pred.preprocessing.input_size)
