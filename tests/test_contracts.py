@@ -227,6 +227,14 @@ def check_artifact(name, tmp_path):
     assert REG.get("artifact", name, "artifact").factory(tmp_path, [], None) is None
 
 
+def check_shipped_model(name):
+    # the factory names a run directory that fer can open
+    from fer_core.api import RunDir
+
+    path = REG.get("shipped_model", name, "shipped_model").factory()
+    assert RunDir(path).is_run() and RunDir(path).best_file().is_file()
+
+
 def check_generic(kind, name):
     _build(kind, name)
 
@@ -236,7 +244,7 @@ CONTRACTS = {"dataset": check_dataset, "backbone": check_backbone, "head": check
              "batch_transform": check_batch_transform, "sampler": check_sampler, "callback": check_callback,
              "calibrator": check_calibrator, "tta": check_tta, "explainer": check_explainer,
              "ensembler": check_ensembler, "artifact": check_artifact, "tuner": None, "detector": None,
-             "exporter": None}
+             "exporter": None, "shipped_model": check_shipped_model}
 
 
 @pytest.mark.parametrize("kind,name", COMPONENTS, ids=[f"{k}-{n}" for k, n in COMPONENTS])
