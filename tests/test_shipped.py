@@ -4,8 +4,6 @@ its outputs outside its (read-only) directory, and every bad input is one line w
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -15,24 +13,10 @@ import torch
 
 from conftest import FER2013, tiny_recipe
 from fer_core.api import Preprocessing, RunDir, get_registry, hookimpl, load_predictor, shipped_model, split_samples
-from fer_core.cli import main
 from fer_plugins.shipped import MODELS
+from test_export_onnx import fer, one_error_line  # the in-process `fer` and its one-line error check
 
 SHIPPED_NAME = "tiny_shipped_for_tests"
-
-
-def fer(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), pytest.raises(SystemExit) as e:
-        main(list(args))
-    return int(e.value.code or 0), out.getvalue(), err.getvalue()
-
-
-def one_error_line(code: int, err: str) -> str:
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
-    return lines[0]
 
 
 def tree(d: Path) -> dict[str, bytes]:
