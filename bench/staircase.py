@@ -18,6 +18,7 @@ Budget (2-core CPU with native bf16, ~12 CPU-hours for everything, a single run 
     .venv/bin/python bench/staircase.py --plan            # what would run, and for how long
     .venv/bin/python bench/staircase.py --commit          # every stage, in order, committing each seed
     .venv/bin/python bench/staircase.py --stage s1_data   # one stage (its parents must be decided)
+    .venv/bin/python bench/staircase.py --commit --breadth-first --deadline 09:45   # a session's share
     .venv/bin/python bench/staircase.py --report-only
 """
 
@@ -108,9 +109,54 @@ def epochs(stage: Stage) -> int:
     return n
 
 
-def estimate_minutes(stage: Stage) -> float:
-    """Per seed: training at the measured rate, plus ~8 % for validation each epoch."""
-    return epochs(stage) * TRAIN_IMAGES / stage.img_s / 60 * 1.08
+def estimate_minutes(stage: Stage, img_s: float | None = None) -> float:
+    """Per seed: training at ``img_s`` (default: the rate measured on the reference machine, a
+    2-core CPU with AMX-BF16), plus ~8 % for validation each epoch."""
+    return epochs(stage) * TRAIN_IMAGES / (img_s or stage.img_s) / 60 * 1.08
+
+
+#: ms per training image the faces48 albumentations pipeline (+ Mixup/CutMix) adds in the training
+#: process: measured on the reference machine (ResNet-10t at 48 px: 568 img/s for the network alone,
+#: ~250 img/s in a real run with faces48 + mix, i.e. ~2.2 ms per image more).
+AUGMENT_MS = 2.2
+
+
+def machine_img_s(stage: Stage, steps: int = 6, batch: int = 64) -> tuple[float, str]:
+    """Training images/s of this stage's network on *this* machine (forward + backward + SGD step
+    on random batches, at the precision and memory format a run would choose), with the stage's
+    augmentation cost added. Machines here differ fivefold (AMX-BF16 vs AVX2-only fp32), so the
+    reference figures alone would start runs that cannot finish in a session."""
+    import torch
+
+    from fer_core.api import autocast, get_registry, resolve_device, resolve_precision
+    from fer_core.build import build_model
+    from fer_core.recipe import load
+
+    args = repeat_args(stage, [0])
+    recipe, raw = load(REPO / args[1], [args[i + 1] for i, a in enumerate(args) if a == "-o"])
+    device = resolve_device("auto")
+    precision = resolve_precision(recipe.train.precision, device)
+    model = build_model(recipe, get_registry(), [str(i) for i in range(7)], []).to(device)
+    model.to(memory_format=torch.channels_last)
+    pre = model.backbone.preprocessing
+    x = torch.randn(batch, pre.channels, *pre.input_size, device=device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 7, (batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    for i in range(steps + 2):
+        if i == 2:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        with autocast(device, precision):
+            loss = torch.nn.functional.cross_entropy(model(x)["emotion"].float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1000 / (steps * batch)
+    augmented = raw.get("augment", {}).get("plugin") == "albumentations"
+    return 1000 / (ms + (AUGMENT_MS if augmented else 0.0)), f"{device.type} {precision.name}"
 
 
 def repeat_args(stage: Stage, seeds: list[int] | None = None) -> list[str]:
@@ -178,7 +224,7 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
     row = {"seed": seed, "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
            "per_class_recall": {c: v["recall"] for c, v in m["per_class"].items()},
            "best_epoch": m["best_epoch"], "epochs_run": m.get("epochs_run"), "precision": status.get("precision"),
-           "device": status.get("device"), "started": status.get("started"), "ended": status.get("ended"),
+           "device": status.get("device"), "cpu": cpu_name(), "started": status.get("started"), "ended": status.get("ended"),
            "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
            "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"],
            "minutes": round((time.time() - t0) / 60, 1), "command": "fer " + shlex.join(args)}
@@ -213,11 +259,37 @@ def stage_record(stage: Stage) -> dict | None:
             "command": "fer " + shlex.join(repeat_args(stage))}
 
 
-def run_stage(stage: Stage, do_commit: bool = False) -> dict | None:
-    for seed in stage.seeds:
-        if run_seed(stage, seed, stage.keep, do_commit) is None:
-            return None
-    return stage_record(stage)
+def expected_minutes(stage: Stage) -> float:
+    """Minutes one more seed of this stage will take here: the mean of its seeds finished on this
+    CPU when there are any, else the estimate at the rate measured on this machine."""
+    done = [r["minutes"] for p in (RECORDS / stage.name).glob("seed-*.json")
+            if (r := json.loads(p.read_text())).get("cpu") == cpu_name()]
+    return statistics.mean(done) if done else estimate_minutes(stage, machine_img_s(stage)[0])
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def schedule(stages: list[Stage], breadth_first: bool) -> list[tuple[Stage, int]]:
+    """(stage, seed) in the order to run them. Breadth first runs every stage's first seed before
+    any stage's second, so a session that ends early leaves one reading of every stage rather than
+    three of the first."""
+    if not breadth_first:
+        return [(s, k) for s in stages for k in s.seeds]
+    rounds = max(len(s.seeds) for s in stages)
+    return [(s, s.seeds[i]) for i in range(rounds) for s in stages if i < len(s.seeds)]
+
+
+def parse_deadline(text: str) -> float:
+    """'HH:MM' today (local time) → epoch seconds; a time already past means tomorrow."""
+    h, m = (int(x) for x in text.split(":"))
+    now = time.localtime()
+    t = time.mktime((now.tm_year, now.tm_mon, now.tm_mday, h, m, 0, 0, 0, -1))
+    return t if t > time.time() else t + 86400
 
 
 def _ms(values: list[float]) -> str:
@@ -261,18 +333,38 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--commit", action="store_true",
                     help="git-commit each seed's record (and packed weights) the moment it is written")
+    ap.add_argument("--breadth-first", action="store_true",
+                    help="run every stage's first seed, then every stage's second, ...")
+    ap.add_argument("--deadline", metavar="HH:MM",
+                    help="start no seed expected to end after this local time (a session's end: a run cut "
+                         "off loses its bench/out)")
     args = ap.parse_args()
     if args.plan:
-        total = 0.0
+        total = here = 0.0
+        print(f"this machine: {cpu_name()}; 'here' = measured now (network steps + augmentation cost)")
         for s in STAGES:
             m = estimate_minutes(s) * len(s.seeds)
-            total += m
-            print(f"{s.name:18} {len(s.seeds)} seed(s) × {epochs(s)} epochs ≈ {m / 60:.1f} h   {s.adds}")
-        print(f"total ≈ {total / 60:.1f} CPU-hours (2 threads)")
+            img_s, how = machine_img_s(s)
+            h = estimate_minutes(s, img_s) * len(s.seeds)
+            total, here = total + m, here + h
+            print(f"{s.name:18} {len(s.seeds)} seed(s) × {epochs(s)} epochs ≈ {m / 60:.1f} h on the reference "
+                  f"machine, {h / 60:.1f} h here ({img_s:.0f} img/s, {how})   {s.adds}", flush=True)
+        print(f"total ≈ {total / 60:.1f} CPU-hours on the reference machine (AMX-BF16, 2 threads), "
+              f"{here / 60:.1f} h here")
         return
     if not args.report_only:
-        for s in [BY_NAME[args.stage]] if args.stage else STAGES:
-            run_stage(s, args.commit)
+        deadline = parse_deadline(args.deadline) if args.deadline else None
+        failed: set[str] = set()
+        for s, seed in schedule([BY_NAME[args.stage]] if args.stage else STAGES, args.breadth_first):
+            if seed_record(s, seed).is_file() or s.name in failed:
+                continue
+            need = expected_minutes(s)
+            if deadline is not None and time.time() + 60 * need > deadline:
+                print(f"  {s.name} seed {seed}: ~{need:.0f} min would end after {args.deadline}; not started",
+                      flush=True)
+                continue
+            if run_seed(s, seed, s.keep, args.commit) is None:
+                failed.add(s.name)
             update_section("staircase", report())
     update_section("staircase", report())
 

@@ -47,3 +47,13 @@ def test_the_plan_fits_the_budget():
     """The issue's budget: ~12 CPU-hours in all, no single run over 3 hours."""
     assert sum(staircase.estimate_minutes(s) * len(s.seeds) for s in staircase.STAGES) <= 12 * 60
     assert max(staircase.estimate_minutes(s) for s in staircase.STAGES) <= 180
+
+
+def test_breadth_first_runs_every_stage_once_before_any_twice():
+    order = staircase.schedule(staircase.STAGES, breadth_first=True)
+    names = [s.name for s, _ in order]
+    first_round = names[:len(staircase.STAGES)]
+    assert first_round == [s.name for s in staircase.STAGES]
+    assert sorted(order, key=lambda x: (x[0].name, x[1])) == sorted(
+        staircase.schedule(staircase.STAGES, breadth_first=False), key=lambda x: (x[0].name, x[1]))
+    assert [k for s, k in order if s.name == "s3_training"] == staircase.BY_NAME["s3_training"].seeds
