@@ -96,6 +96,31 @@ def test_loss_is_the_documented_formula_in_float32():
     assert student.grad is not None and torch.isfinite(student.grad.float()).all()
 
 
+@FAST
+@given(data=st.data(), lam=st.floats(0.0, 1.0), temperature=st.floats(0.5, 10.0))
+def test_mixed_after_the_teacher_the_kd_gradient_is_that_of_the_mixed_teacher_distribution(data, lam, temperature):
+    """A teacher listed before Mixup/CutMix: the student must learn the mixture of both images'
+    teacher distributions, λ·p(t) + (1 − λ)·p(t_partner), whatever λ and T."""
+    student = data.draw(logit_rows(-10, 10))
+    b, c = student.shape
+    teacher = torch.tensor(data.draw(st.lists(st.floats(-10, 10), min_size=b * c, max_size=b * c))).view(b, c)
+    perm = torch.tensor(data.draw(st.permutations(list(range(b)))))
+    from fer_plugins.mixing import MixPlan, make_mix
+    mix = make_mix(task_of([f"c{i}" for i in range(c)]), ScheduleInfo(epochs=10, steps_per_epoch=1))
+    batch = mix.apply({"image": torch.zeros(b, 1, 4, 4), "label": torch.zeros(b, dtype=torch.long),
+                       "teacher_logits": teacher}, MixPlan("mixup", lam, perm))
+    torch.testing.assert_close(batch["teacher_logits"], teacher, rtol=0, atol=0)
+    torch.testing.assert_close(batch["teacher_logits_partner"], teacher[perm], rtol=0, atol=0)
+    s = student.clone().requires_grad_(True)
+    total, _ = DistillLoss(lambda o, b: (o["emotion"].sum() * 0, {}), temperature, 1.0)({"emotion": s}, batch)
+    total.backward()
+    ref = student.clone().requires_grad_(True)
+    target = lam * torch.softmax(teacher / temperature, 1) + (1 - lam) * torch.softmax(teacher[perm] / temperature, 1)
+    kl = (target * (torch.log(target.clamp_min(1e-30)) - torch.log_softmax(ref / temperature, 1))).sum(1).mean()
+    (kl * temperature**2).backward()
+    torch.testing.assert_close(s.grad, ref.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_t_squared_keeps_the_kd_gradient_scale_for_large_temperatures():
     """d(T²·KL)/ds = T (softmax(s/T) - softmax(t/T)) / B ≈ (s - t)/(C B) (centred) for large T:
     the gradient hardly changes from T = 10 to T = 20, while KL alone would shrink ~4×."""

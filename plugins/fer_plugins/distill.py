@@ -266,6 +266,13 @@ class DistillLoss(nn.Module):
             raise FerError(f"loss: teacher_logits have shape {tuple(teacher.shape)}, the student's emotion "
                            f"logits {tuple(student.shape)}")
         kd = self.kd(student, teacher)
+        partner = batch.get("teacher_logits_partner")
+        if partner is not None:
+            # mixed after the teacher: λ·KD(t) + (1 − λ)·KD(t_partner) has exactly the gradient of the KD to
+            # the mixture λ·p(t) + (1 − λ)·p(t_partner) (cross-entropy is linear in its target; the
+            # entropies it differs by do not depend on the student)
+            lam = float(batch["mix_lambda"])
+            kd = lam * kd + (1.0 - lam) * self.kd(student, partner)
         hard, _ = self.hard(outputs, batch)
         hard = hard.float()
         total = self.alpha * kd + (1.0 - self.alpha) * hard

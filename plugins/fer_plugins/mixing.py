@@ -2,7 +2,9 @@
 
 A mixed batch gets a mixed ``image``, a ``soft_label`` (B×classes, rows summing to 1) that the
 losses use instead of ``label``, mixed ``au`` targets (with ``au_mask`` = both images labelled)
-and ``mix_lambda`` (0-dim, for logging). ``label`` is left as it is.
+and ``mix_lambda`` (0-dim, for logging). ``label`` is left as it is. Teacher logits already in the
+batch (a `teacher` transform listed before the mix) stay the first image's; the partner image's
+go to ``teacher_logits_partner``, and the distill loss weighs the two by ``mix_lambda``.
 
 Every random draw of a batch comes from its own generator, seeded from (``seed``, epoch, index
 of the batch within the epoch): a resumed run, which restarts an epoch from its first batch,
@@ -133,6 +135,9 @@ class Mix:
             if "au_mask" in batch:
                 mask = batch["au_mask"]
                 out["au_mask"] = mask * mask[au_perm]
+        if "teacher_logits" in batch:  # a teacher listed before the mix: each image's partner's, for the distill loss
+            t = batch["teacher_logits"]
+            out["teacher_logits_partner"] = t[perm.to(t.device)]
         out["mix_lambda"] = torch.tensor(lam, dtype=torch.float32, device=image.device)
         return out
 
