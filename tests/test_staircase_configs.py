@@ -91,3 +91,26 @@ def test_the_student_is_taught_by_the_ensemble_through_a_cached_teacher_before_t
         names = [s.name for s, _ in staircase.schedule(staircase.STAGES, breadth)]
         assert names.index("s4_student") > max(i for i, n in enumerate(names) if n == "s3_training")
         assert names.index("s4_student") > names.index("s4_ensemble")
+
+
+@pytest.mark.parametrize("recipe, stage", [("fer2013_best.toml", "s3_training"),
+                                           ("fer2013_best_mobilenetv2.toml", "s2b_mobilenetv2")])
+def test_the_best_recipes_are_exactly_their_stages(recipe, stage):
+    """`fer run recipes/fer2013_best.toml` must reproduce the stage's figures: the same resolved
+    recipe, apart from its name and description."""
+    ours = load(REPO / "recipes" / recipe)[1]
+    theirs = resolved(staircase.BY_NAME[stage])
+    for r in (ours, theirs):
+        r.pop("name"), r.pop("description")
+    assert ours == theirs
+
+
+def test_the_best_ensemble_recipe_has_the_stage_members_in_order():
+    import tomllib
+
+    raw = tomllib.loads((REPO / "recipes" / "fer2013_best_ensemble.toml").read_text())
+    ens = staircase.BY_NAME["s4_ensemble"]
+    expected = [f"runs/best/seed-{k}" for k in staircase.BY_NAME["s3_training"].seeds] + ["runs/best_mobilenetv2"]
+    assert ens.members == ["s3_training", "s2b_mobilenetv2"] and raw["members"] == expected
+    stage = tomllib.loads(staircase.ensemble_recipe(ens, [REPO / m for m in expected]))
+    assert {k: v for k, v in raw.items() if k != "name"} == {k: v for k, v in stage.items() if k != "name"}

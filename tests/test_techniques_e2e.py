@@ -38,6 +38,28 @@ def test_multitask_convnext_recipe_runs_on_a_miniature_rafce_tree(tmp_path, mlfl
     assert r.returncode == 0, r.stderr
 
 
+MOBILENET = REPO.parent / "shared" / "weights" / "mobilenet_v2-b0353104.pth"
+
+
+@pytest.mark.skipif(not MOBILENET.is_file(), reason="../shared/weights (ImageNet MobileNetV2) not present")
+def test_rafce_best_recipe_runs_on_a_miniature_rafce_tree_and_evaluates_with_ten_crops(tmp_path):
+    root = make_rafce_tree(tmp_path / "RAF-CE", n_per_class=2, size=100)
+    out = tmp_path / "run"
+    # as written (pretrained weights, three heads, faces48 + mix, EMA), except where the data lives,
+    # the run's length and input size
+    r = fer("run", str(REPO / "recipes" / "rafce_best.toml"), "--out", str(out), "-o", f"data.root={root}",
+            "-o", "train.epochs=2", "-o", "model.backbone.input_size=32", "-o", "train.batch_size=16")
+    assert r.returncode == 0, r.stderr
+    m = json.loads((out / "metrics.json").read_text())
+    assert len(m["classes"]) == 14 and 0 <= m["au_mean_f1"] <= 1
+    saved = (out / "recipe.toml").read_text()
+    assert 'preset = "faces48"' in saved and 'plugin = "compound_components"' in saved and 'plugin = "ema"' in saved
+    assert 'pretrained = "../shared/weights/mobilenet_v2-b0353104.pth"' in saved
+    r = fer("eval", str(out), "--tta", "--json", str(tmp_path / "tta.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "tta.json").read_text())["inference"]["tta_views"] == 10
+
+
 @pytest.mark.skipif(not (CKPLUS / "labels.csv").is_file(), reason="../shared/data/ckplus48_au not present")
 def test_ckplus_multitask_recipe_trains_on_real_au_labels(tmp_path):
     out = tmp_path / "ck"
