@@ -148,12 +148,6 @@ def estimate_minutes(stage: Stage, img_s: float | None = None) -> float:
     return epochs(stage) * TRAIN_IMAGES / (img_s or stage.img_s) / 60 * 1.08
 
 
-#: ms per training image the faces48 albumentations pipeline (+ Mixup/CutMix) adds in the training
-#: process: measured on the reference machine (ResNet-10t at 48 px: 568 img/s for the network alone,
-#: ~250 img/s in a real run with faces48 + mix, i.e. ~2.2 ms per image more).
-AUGMENT_MS = 2.2
-
-
 def machine_img_s(stage: Stage, steps: int = 6, batch: int = 64) -> tuple[float, str]:
     if stage.members:
         return stage.img_s, "no training"
@@ -161,9 +155,10 @@ def machine_img_s(stage: Stage, steps: int = 6, batch: int = 64) -> tuple[float,
 
 
 def _machine_img_s(stage: Stage, steps: int, batch: int) -> tuple[float, str]:
-    """Training images/s of this stage's network on *this* machine (forward + backward + SGD step
-    on random batches, at the precision and memory format a run would choose), with the stage's
-    augmentation cost added. Machines here differ fivefold (AMX-BF16 vs AVX2-only fp32), so the
+    """Training images/s of this stage on *this* machine: its network's forward + backward + SGD
+    step on random batches (at the precision and memory format a run would choose) plus its
+    augmentation, each timed here (`fer run` of stages 0, 1 and 3 on this AVX2 CPU: 67, 63 and 48
+    img/s; this gives 69, 62 and 48). Machines here differ fivefold (AMX-BF16 vs AVX2-only fp32), so the
     reference figures alone would start runs that cannot finish in a session."""
     import torch
 
@@ -194,8 +189,25 @@ def _machine_img_s(stage: Stage, steps: int, batch: int) -> tuple[float, str]:
     if device.type == "cuda":
         torch.cuda.synchronize()
     ms = (time.perf_counter() - t0) * 1000 / (steps * batch)
-    augmented = raw.get("augment", {}).get("plugin") == "albumentations"
-    return 1000 / (ms + (AUGMENT_MS if augmented else 0.0)), f"{device.type} {precision.name}"
+    return 1000 / (ms + augment_ms(recipe, pre)), f"{device.type} {precision.name}"
+
+
+def augment_ms(recipe, pre, n: int = 200) -> float:
+    """ms per image of the stage's training augmentation, in this process on 48×48 grey images like
+    FER2013's: the loader runs it in the training process on a CPU, between the steps."""
+    import numpy as np
+
+    from fer_core.api import get_registry
+
+    aug = get_registry().build("augmenter", recipe.augment.spec(), "augment", pre)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 48), dtype=np.uint8) for _ in range(n)]
+    for im in images[:20]:
+        aug(im)
+    t0 = time.perf_counter()
+    for im in images:
+        aug(im)
+    return (time.perf_counter() - t0) * 1000 / n
 
 
 def repeat_args(stage: Stage, seeds: list[int] | None = None) -> list[str]:
