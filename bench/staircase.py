@@ -439,7 +439,7 @@ def report() -> str:
         if r is None:
             done = sum(seed_record(s, k).is_file() for k in s.seeds)
             lines.append(f"| {s.name} | {s.adds} | {s.plan} | {done}/{len(s.seeds)} seeds | not finished | | | | "
-                         f"~{estimate_minutes(s):.0f} (est.) |")
+                         f"~{estimate_minutes(s):.0f} (est.¹) |")
             continue
         acc = [x["accuracy"] for x in r["seeds"]]
         f1 = [x["macro_f1"] for x in r["seeds"]]
@@ -449,6 +449,8 @@ def report() -> str:
         tta = _ms([x["tta_accuracy"] for x in r["seeds"] if "tta_accuracy" in x])
         lines.append(f"| {s.name} | {s.adds} | {s.plan} | {len(acc)} | {_ms(acc)} | {_ms(f1)} | {delta} | {tta} | "
                      f"{r['minutes_total'] / max(len(acc), 1):.0f} |")
+    lines += ["", "¹ estimated for the reference machine (2 cores with AMX-BF16, bf16); `bench/staircase.py --plan`",
+              "measures the machine it runs on (an AVX2-only EPYC, fp32: about 5× longer)."]
     return "\n".join(lines) + "\n"
 
 
