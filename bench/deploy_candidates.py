@@ -34,6 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from fer_core.api import atomic_write_text  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from results_doc import update_section  # noqa: E402
 
 RECORDS = REPO / "bench" / "results" / "latency" / "candidates"
@@ -45,11 +46,6 @@ CANDIDATES = [ANCHOR, "resnet18@48", "mobilenetv3_small_050@64", "mobilenetv3_sm
               "resnet10t@32"]
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def slug(text: str) -> str:

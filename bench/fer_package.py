@@ -53,6 +53,8 @@ import sys
 import time
 from pathlib import Path
 
+from machine import cpu_name  # bench/ is the script's directory, in either venv
+
 REPO = Path(__file__).resolve().parents[1]
 FER2013 = (REPO.parent / "shared" / "data" / "fer2013").resolve()
 VENV = REPO / "bench" / "out" / "fer-pkg-venv"
@@ -134,21 +136,13 @@ def metrics(true: list[str], pred: list[str]) -> dict:
             "confusion": {"labels": list(OUR_LABELS), "rows_true_cols_pred": cm.tolist()}}
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def common(env: dict) -> dict:
     import cv2
 
     return {"model": MODEL_NAME, "command": shlex.join(getattr(sys, "orig_argv", [sys.executable, *sys.argv])),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": _cpu_name(), "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cpu": cpu_name(), "cpus": os.cpu_count(),
             "platform": platform.platform(), "versions": {**env["versions"], "opencv (preprocessing)": cv2.__version__},
             "model_file": env["model_file"], "package_data": env["package_data"], "model_io": env["model_io"]}
 

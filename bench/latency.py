@@ -53,6 +53,7 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]  # run as a script or imported b
 import numpy as np  # noqa: E402
 
 from fer_core.api import atomic_write_text, get_registry  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from results_doc import RESULTS, update_section  # noqa: E402
 
 FER2013 = (REPO.parent / "shared" / "data" / "fer2013").resolve()
@@ -122,18 +123,10 @@ def iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine() -> dict:
-    return {"platform": platform.platform(), "processor": _cpu_name(),
+    return {"platform": platform.platform(), "processor": cpu_name(),
             "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}
 
 

@@ -38,6 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from fer_core.api import atomic_write_text  # noqa: E402
+from machine import cpu_name  # noqa: E402
 from results_doc import update_section  # noqa: E402
 
 BASE = "recipes/staircase/fer2013_stage0.toml"
@@ -390,11 +391,6 @@ def expected_minutes(stage: Stage) -> float:
     return statistics.mean(done) if done else estimate_minutes(stage, machine_img_s(stage)[0])
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def schedule(stages: list[Stage], breadth_first: bool) -> list[tuple[Stage, int]]:

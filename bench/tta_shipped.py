@@ -21,6 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
+from machine import cpu_name  # noqa: E402
 from results_doc import update_section  # noqa: E402
 
 RECORDS = REPO / "bench" / "results" / "tta"
@@ -31,11 +32,6 @@ WHAT = {"none": "the image as it is", "flip": "+ its mirror image (2 views)",
         "tencrop": "ten-crop: 4 corners + centre at 90 %, each mirrored (10 views)"}
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def record(model: str, views: str) -> Path:
