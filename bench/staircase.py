@@ -164,8 +164,7 @@ def _machine_img_s(stage: Stage, steps: int, batch: int) -> tuple[float, str]:
     import torch
 
     from fer_core.api import autocast, get_registry, resolve_device, resolve_precision
-    from fer_core.build import build_model
-    from fer_core.recipe import load
+    from fer_core.api import build_model, load
 
     args = repeat_args(stage, [0])
     recipe, raw = load(REPO / args[1], [args[i + 1] for i, a in enumerate(args) if a == "-o"])
@@ -273,7 +272,7 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
     m = json.loads((run / "metrics.json").read_text())
     status = json.loads((run / "run.json").read_text())
     evals = {}
-    for kind, extra in (("plain", []), ("tta", ["--tta"]) if stage.tta else ()):  # ms/image; ten-crop
+    for kind, extra in [("plain", [])] + ([("tta", ["--tta"])] if stage.tta else []):  # ms/image; ten-crop
         path = run / f"eval_{kind}.json"
         if not path.is_file() and fer(["eval", str(run.relative_to(REPO)), *extra, "--json",
                                        str(path.relative_to(REPO))], log) != 0:

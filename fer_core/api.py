@@ -4,7 +4,7 @@ everything they need is here, and everything here is kept stable. The programmat
 path is here too: ``validate`` → ``build_all`` → ``Engine``, or ``train`` for all of `fer run`.
 """
 
-from .build import Built, build_all, eval_loader
+from .build import Built, build_all, build_model, eval_loader
 from .checkpoint import atomic_write_bytes, atomic_write_json, atomic_write_text
 from .cli import Overrides, RunArgument
 from .console import ProgressBar, console, metrics_tables, stdout, warn
@@ -25,7 +25,7 @@ from .predictor import (RunPredictor, adapt_images, calibration_report, class_in
                         evaluate_predictions, guard_not_test, load_predictor, predict, shipped_model,
                         single_image_latency_ms, split_samples)
 from .recipe import Component as RecipeTable
-from .recipe import Recipe, apply_overrides, dump_toml, read_toml, resolved, validate, validation_message
+from .recipe import Recipe, apply_overrides, dump_toml, load, read_toml, resolved, validate, validation_message
 from .registry import Registry, get_registry
 from .rundir import RunDir
 from .runner import train
