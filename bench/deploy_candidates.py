@@ -46,8 +46,6 @@ CANDIDATES = [ANCHOR, "resnet18@48", "mobilenetv3_small_050@64", "mobilenetv3_sm
               "resnet10t@32"]
 
 
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 

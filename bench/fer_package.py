@@ -136,8 +136,6 @@ def metrics(true: list[str], pred: list[str]) -> dict:
             "confusion": {"labels": list(OUR_LABELS), "rows_true_cols_pred": cm.tolist()}}
 
 
-
-
 def common(env: dict) -> dict:
     import cv2
 

@@ -123,8 +123,6 @@ def iou(a, b) -> float:
     return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
 
 
-
-
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": cpu_name(),
             "cpus": os.cpu_count(), "load_1min": round(os.getloadavg()[0], 2)}

@@ -150,21 +150,17 @@ def estimate_minutes(stage: Stage, img_s: float | None = None) -> float:
 
 
 def machine_img_s(stage: Stage, steps: int = 6, batch: int = 64) -> tuple[float, str]:
-    if stage.members:
-        return stage.img_s, "no training"
-    return _machine_img_s(stage, steps, batch)
-
-
-def _machine_img_s(stage: Stage, steps: int, batch: int) -> tuple[float, str]:
     """Training images/s of this stage on *this* machine: its network's forward + backward + SGD
     step on random batches (at the precision and memory format a run would choose) plus its
     augmentation, each timed here (`fer run` of stages 0, 1 and 3 on this AVX2 CPU: 67, 63 and 48
     img/s; this gives 69, 62 and 48). Machines here differ fivefold (AMX-BF16 vs AVX2-only fp32), so the
-    reference figures alone would start runs that cannot finish in a session."""
+    reference figures alone would start runs that cannot finish in a session. An ensemble stage
+    trains nothing."""
+    if stage.members:
+        return stage.img_s, "no training"
     import torch
 
-    from fer_core.api import autocast, get_registry, resolve_device, resolve_precision
-    from fer_core.api import build_model, load
+    from fer_core.api import autocast, build_model, get_registry, load, resolve_device, resolve_precision
 
     args = repeat_args(stage, [0])
     recipe, raw = load(REPO / args[1], [args[i + 1] for i, a in enumerate(args) if a == "-o"])
@@ -390,8 +386,6 @@ def expected_minutes(stage: Stage) -> float:
     return statistics.mean(done) if done else estimate_minutes(stage, machine_img_s(stage)[0])
 
 
-
-
 def schedule(stages: list[Stage], breadth_first: bool) -> list[tuple[Stage, int]]:
     """(stage, seed) in the order to run them. Breadth first runs every stage's first seed before
     any stage's second, so a session that ends early leaves one reading of every stage rather than
@@ -483,8 +477,7 @@ def main() -> None:
         for s, seed in schedule([BY_NAME[args.stage]] if args.stage else STAGES, args.breadth_first):
             if seed_record(s, seed).is_file() or s.name in failed:
                 continue
-            need = expected_minutes(s)
-            if deadline is not None and time.time() + 60 * need > deadline:
+            if deadline is not None and time.time() + 60 * (need := expected_minutes(s)) > deadline:
                 print(f"  {s.name} seed {seed}: ~{need:.0f} min would end after {args.deadline}; not started",
                       flush=True)
                 continue

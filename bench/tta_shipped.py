@@ -32,8 +32,6 @@ WHAT = {"none": "the image as it is", "flip": "+ its mirror image (2 views)",
         "tencrop": "ten-crop: 4 corners + centre at 90 %, each mirrored (10 views)"}
 
 
-
-
 def record(model: str, views: str) -> Path:
     return RECORDS / f"{re.sub(r'[^A-Za-z0-9]+', '-', model).strip('-')}_{views}.json"
 
