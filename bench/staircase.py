@@ -280,7 +280,7 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
            "device": status.get("device"), "cpu": cpu_name(), "started": status.get("started"), "ended": status.get("ended"),
            "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
            "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"],
-           "minutes": round((time.time() - t0) / 60, 1), "command": "fer " + shlex.join(args)}
+           "minutes": round(run_minutes(status, t0), 1), "command": "fer " + shlex.join(args)}
     if "tta" in evals:
         t = evals["tta"]
         row |= {"tta_accuracy": t["accuracy"], "tta_macro_f1": t["macro_f1"],
@@ -300,6 +300,19 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
         commit([*written, REPO / "docs" / "results.md"],
                f"staircase: {stage.name} seed {seed}: val accuracy {100 * row['accuracy']:.2f} %")
     return row
+
+
+def run_minutes(status: dict, t0: float) -> float:
+    """Minutes a seed took: the engine's own span of the run (run.json: started → ended) when it
+    has one — a seed whose training a previous call finished is only evaluated and packed by this
+    one — else this call's."""
+    from datetime import datetime
+
+    try:
+        span = datetime.fromisoformat(status["ended"]) - datetime.fromisoformat(status["started"])
+        return span.total_seconds() / 60
+    except (KeyError, TypeError, ValueError):
+        return (time.time() - t0) / 60
 
 
 def member_dirs(stage: Stage) -> list[Path] | None:
