@@ -18,6 +18,7 @@ Budget (2-core CPU with native bf16, ~12 CPU-hours for everything, a single run 
     .venv/bin/python bench/staircase.py --plan            # what would run, and for how long
     .venv/bin/python bench/staircase.py --commit          # every stage, in order, committing each seed
     .venv/bin/python bench/staircase.py --stage s1_data   # one stage (its parents must be decided)
+    .venv/bin/python bench/staircase.py --breadth-first --stage s0_current --stage s2a_input64   # in this order
     .venv/bin/python bench/staircase.py --commit --breadth-first --deadline 09:45   # a session's share
     .venv/bin/python bench/staircase.py --report-only
 """
@@ -452,13 +453,14 @@ def report() -> str:
         lines.append(f"| {s.name} | {s.adds} | {s.plan} | {len(acc)} | {_ms(acc)} | {_ms(f1)} | {delta} | {tta} | "
                      f"{r['minutes_total'] / max(len(acc), 1):.0f} |")
     lines += ["", "¹ estimated for the reference machine (2 cores with AMX-BF16, bf16); `bench/staircase.py --plan`",
-              "measures the machine it runs on (an AVX2-only EPYC, fp32: about 5× longer)."]
+              "measures the machine it runs on (each record names the CPU it ran on)."]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=list(BY_NAME))
+    ap.add_argument("--stage", choices=list(BY_NAME), action="append",
+                    help="run only this stage (repeat it for several: they run in the order given)")
     ap.add_argument("--plan", action="store_true", help="print the stages and their estimated minutes")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--commit", action="store_true",
@@ -487,7 +489,7 @@ def main() -> None:
     if not args.report_only:
         deadline = parse_deadline(args.deadline) if args.deadline else None
         failed: set[str] = set()
-        for s, seed in schedule([BY_NAME[args.stage]] if args.stage else STAGES, args.breadth_first):
+        for s, seed in schedule([BY_NAME[n] for n in args.stage] if args.stage else STAGES, args.breadth_first):
             if seed_record(s, seed).is_file() or s.name in failed:
                 continue
             if deadline is not None and time.time() + 60 * (need := expected_minutes(s)) > deadline:
