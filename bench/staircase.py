@@ -281,7 +281,7 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
            "device": status.get("device"), "cpu": cpu_name(), "started": status.get("started"), "ended": status.get("ended"),
            "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
            "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"],
-           "minutes": round(run_minutes(status, t0), 1), "command": "fer " + shlex.join(args)}
+           "minutes": round(run_minutes(run, status, t0), 1), "command": "fer " + shlex.join(args)}
     if "tta" in evals:
         t = evals["tta"]
         row |= {"tta_accuracy": t["accuracy"], "tta_macro_f1": t["macro_f1"],
@@ -303,12 +303,18 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
     return row
 
 
-def run_minutes(status: dict, t0: float) -> float:
-    """Minutes a seed took: the engine's own span of the run (run.json: started → ended) when it
-    has one — a seed whose training a previous call finished is only evaluated and packed by this
-    one — else this call's."""
+def run_minutes(run: Path, status: dict, t0: float) -> float:
+    """Minutes a seed took: the sum of the engine's per-epoch wall time (history.json: training +
+    validation), which counts every epoch once however often the run was interrupted and resumed;
+    for runs without it, the engine's span (run.json: started → ended — a resumed run's covers only
+    its last part); else this call's."""
     from datetime import datetime
 
+    history = run / "history.json"
+    if history.is_file():
+        rows = json.loads(history.read_text())
+        if rows and all("epoch_wall_seconds" in r for r in rows):
+            return sum(r["epoch_wall_seconds"] for r in rows) / 60
     try:
         span = datetime.fromisoformat(status["ended"]) - datetime.fromisoformat(status["started"])
         return span.total_seconds() / 60

@@ -200,9 +200,12 @@ class Engine:
             # a run that stopped early is finished: resuming it only re-evaluates
             while self.state.epoch < self.cfg.epochs and "stopped_early_at" not in self.run.state:
                 epoch = self.state.epoch + 1
+                t_epoch = time.perf_counter()
                 train_logs = self._train_epoch(epoch)
                 self._emit("on_validation_start", epoch)
                 report = self.validate()
+                # training + validation: summed over history, the compute of a run resumed any number of times
+                train_logs["epoch_wall_seconds"] = time.perf_counter() - t_epoch
                 score = float(report[self.cfg.monitor])  # a name it does not produce is refused before epoch 1 (runner)
                 if self.scheduler is not None and self.scheduler.interval == "metric":
                     self.scheduler.step(score)

@@ -91,6 +91,10 @@ def test_resume_after_a_crash_ends_with_the_same_metrics(write_recipe, tmp_path)
         assert torch.equal(v, b["model"][k]), k
     assert a["train_state"]["history"][-1]["train_loss"] == b["train_state"]["history"][-1]["train_loss"]
     assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    # each epoch's wall time (training + validation) is kept once, across the crash: a run's compute
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    assert all(h["epoch_wall_seconds"] > h["epoch_seconds"] > 0 for h in history)
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(write_recipe, tmp_path):

@@ -4,6 +4,7 @@ override would otherwise surface hours into the staircase. Nothing here trains."
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -114,3 +115,27 @@ def test_the_best_ensemble_recipe_has_the_stage_members_in_order():
     assert ens.members == ["s3_training", "s2b_mobilenetv2"] and raw["members"] == expected
     stage = tomllib.loads(staircase.ensemble_recipe(ens, [REPO / m for m in expected]))
     assert {k: v for k, v in raw.items() if k != "name"} == {k: v for k, v in stage.items() if k != "name"}
+
+
+def test_stages_given_by_name_run_in_the_order_given():
+    s0, s1, s2a = (staircase.BY_NAME[n] for n in ("s0_current", "s1_data", "s2a_input64"))
+    order = staircase.schedule([s0, s2a, s1], breadth_first=True)
+    assert [(s.name, k) for s, k in order[:3]] == [("s0_current", 0), ("s2a_input64", 0), ("s1_data", 0)]
+
+
+def test_a_resumed_seeds_minutes_count_every_epoch_once(tmp_path):
+    # a run interrupted after epoch 2 and resumed: run.json's span covers only the resumed part
+    (tmp_path / "history.json").write_text(json.dumps([{"epoch": e, "epoch_wall_seconds": 600.0} for e in (1, 2, 3)]))
+    status = {"started": "2026-12-02T10:20:00", "ended": "2026-12-02T10:30:00"}
+    assert staircase.run_minutes(tmp_path, status, t0=0.0) == pytest.approx(30.0)
+    (tmp_path / "history.json").write_text(json.dumps([{"epoch": 1}]))  # a run from before the field existed
+    assert staircase.run_minutes(tmp_path, status, t0=0.0) == pytest.approx(10.0)
+
+
+def test_two_machines_with_the_same_model_name_are_told_apart_by_their_instruction_set():
+    from machine import cpu_name
+
+    zen1 = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    zen5 = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n"
+    assert cpu_name(zen1) == "AMD EPYC (avx2)" and cpu_name(zen5) == "AMD EPYC (avx512_bf16)"
+    assert cpu_name("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n") == "Xeon (amx_bf16)"
