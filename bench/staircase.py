@@ -389,9 +389,9 @@ def run_ensemble(stage: Stage, do_commit: bool) -> dict | None:
 
 
 def stage_record(stage: Stage) -> dict | None:
-    """Every seed's record of a stage, once all are there (the table reads these)."""
+    """The records of a stage's seeds that have finished (the table reads these); None before any."""
     rows = [json.loads(seed_record(stage, s).read_text()) for s in stage.seeds if seed_record(stage, s).is_file()]
-    if len(rows) < len(stage.seeds):
+    if not rows:
         return None
     return {"stage": stage.name, "adds": stage.adds, "plan": stage.plan, "epochs": epochs(stage), "seeds": rows,
             "minutes_total": round(sum(r["minutes"] for r in rows), 1),
@@ -456,10 +456,15 @@ def report() -> str:
         delta = (f"{100 * (statistics.mean(acc) - statistics.mean(x['accuracy'] for x in parent['seeds'])):+.2f}"
                  if parent else "")
         tta = _ms([x["tta_accuracy"] for x in r["seeds"] if "tta_accuracy" in x])
-        lines.append(f"| {s.name} | {s.adds} | {s.plan} | {len(acc)} | {_ms(acc)} | {_ms(f1)} | {delta} | {tta} | "
-                     f"{r['minutes_total'] / max(len(acc), 1):.0f} |")
-    lines += ["", "¹ estimated for the reference machine (2 cores with AMX-BF16, bf16); `bench/staircase.py --plan`",
-              "measures the machine it runs on (each record names the CPU it ran on)."]
+        n = f"{len(acc)}" if len(acc) == len(s.seeds) else f"{len(acc)} of {len(s.seeds)}"
+        # the machines differ fivefold in speed: minutes say which instruction set they were run with
+        isas = sorted({x.get("cpu", "").rpartition("(")[2].rstrip(")") or "?" for x in r["seeds"]})
+        lines.append(f"| {s.name} | {s.adds} | {s.plan} | {n} | {_ms(acc)} | {_ms(f1)} | {delta} | {tta} | "
+                     f"{r['minutes_total'] / max(len(acc), 1):.0f} ({', '.join(isas)}) |")
+    lines += ["", "n: seeds finished (\"1 of 3\": the stage's other seeds are still to run). min/run: wall minutes of",
+              "training + validation per seed, with the CPU's instruction set (avx2: fp32, about 5× slower than",
+              "the bf16 machines). ¹ estimated for the reference machine (2 cores with AMX-BF16, bf16);",
+              "`bench/staircase.py --plan` measures the machine it runs on."]
     return "\n".join(lines) + "\n"
 
 

@@ -139,3 +139,12 @@ def test_two_machines_with_the_same_model_name_are_told_apart_by_their_instructi
     zen5 = "model name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 avx512f avx512_bf16\n"
     assert cpu_name(zen1) == "AMD EPYC (avx2)" and cpu_name(zen5) == "AMD EPYC (avx512_bf16)"
     assert cpu_name("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n") == "Xeon (amx_bf16)"
+
+
+def test_a_stage_with_some_seeds_finished_shows_them_and_says_how_many(tmp_path, monkeypatch):
+    monkeypatch.setattr(staircase, "RECORDS", tmp_path)
+    (tmp_path / "s0_current").mkdir()
+    (tmp_path / "s0_current" / "seed-0.json").write_text(json.dumps(
+        {"seed": 0, "accuracy": 0.5952, "macro_f1": 0.5705, "minutes": 42.9, "cpu": "AMD EPYC (avx512_bf16)"}))
+    row = next(ln for ln in staircase.report().splitlines() if ln.startswith("| s0_current"))
+    assert "| 1 of 3 | 59.52 | 57.05 |" in row and row.endswith("| 43 (avx512_bf16) |")
