@@ -27,3 +27,10 @@ def cpu_name(cpuinfo: str | None = None) -> str:
     flags = next((set(ln.split(":", 1)[1].split()) for ln in lines if ln.startswith("flags")), set())
     isa = next((f for f in _SPEED_ISA if f in flags), None)
     return f"{name} ({isa})" if isa else name
+
+
+def speed_isa(cpu: str) -> str | None:
+    """The instruction set cpu_name() put in a record's CPU name ('AMD EPYC (avx2)' → 'avx2'); None
+    for names without one (records from before it was added, or CPUs with none of _SPEED_ISA)."""
+    tail = cpu.rpartition(" (")[2].removesuffix(")") if cpu.endswith(")") else ""
+    return tail if tail in _SPEED_ISA else None

@@ -39,7 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from fer_core.api import atomic_write_text  # noqa: E402
-from machine import cpu_name  # noqa: E402
+from machine import cpu_name, speed_isa  # noqa: E402
 from results_doc import update_section  # noqa: E402
 
 BASE = "recipes/staircase/fer2013_stage0.toml"
@@ -459,7 +459,7 @@ def report() -> str:
         tta = _ms([x["tta_accuracy"] for x in r["seeds"] if "tta_accuracy" in x])
         n = f"{len(acc)}" if len(acc) == len(s.seeds) else f"{len(acc)} of {len(s.seeds)}"
         # the machines differ fivefold in speed: minutes say which instruction set they were run with
-        isas = sorted({x.get("cpu", "").rpartition("(")[2].rstrip(")") or "?" for x in r["seeds"]})
+        isas = sorted({speed_isa(x.get("cpu", "")) or "?" for x in r["seeds"]})
         lines.append(f"| {s.name} | {s.adds} | {s.plan} | {n} | {_ms(acc)} | {_ms(f1)} | {delta} | {tta} | "
                      f"{r['minutes_total'] / max(len(acc), 1):.0f} ({', '.join(isas)}) |")
     lines += ["", "n: seeds finished (\"1 of 3\": the stage's other seeds are still to run). min/run: wall minutes of",

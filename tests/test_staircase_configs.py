@@ -141,6 +141,14 @@ def test_two_machines_with_the_same_model_name_are_told_apart_by_their_instructi
     assert cpu_name("model name\t: Xeon\nflags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n") == "Xeon (amx_bf16)"
 
 
+def test_the_table_reads_the_instruction_set_back_only_where_cpu_name_wrote_one():
+    from machine import speed_isa
+
+    assert speed_isa("AMD EPYC (avx2)") == "avx2" and speed_isa("Intel(R) Xeon(R) (amx_bf16)") == "amx_bf16"
+    assert speed_isa("AMD EPYC") is None and speed_isa("Intel(R) Xeon(R) Platinum 8480+") is None
+    assert speed_isa("Intel(R) Xeon(R) CPU @ 2.10GHz (R)") is None
+
+
 def test_a_stage_with_some_seeds_finished_shows_them_and_says_how_many(tmp_path, monkeypatch):
     monkeypatch.setattr(staircase, "RECORDS", tmp_path)
     (tmp_path / "s0_current").mkdir()
