@@ -282,7 +282,8 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
            "device": status.get("device"), "cpu": cpu_name(), "started": status.get("started"), "ended": status.get("ended"),
            "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
            "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"],
-           "minutes": round(run_minutes(run, status, t0), 1), "command": "fer " + shlex.join(args)}
+           "minutes": round(run_minutes(run, status, t0), 1), "train_img_s": train_img_s(run),
+           "command": "fer " + shlex.join(args)}
     if "tta" in evals:
         t = evals["tta"]
         row |= {"tta_accuracy": t["accuracy"], "tta_macro_f1": t["macro_f1"],
@@ -302,6 +303,15 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
         commit([*written, REPO / "docs" / "results.md"],
                f"staircase: {stage.name} seed {seed}: val accuracy {100 * row['accuracy']:.2f} %")
     return row
+
+
+def train_img_s(run: Path) -> float | None:
+    """Median training images/s over the run's epochs (history.json). Minutes alone cannot compare two
+    runs: machines with the same instruction set have differed 3× in speed (an AMX VM at 120 img/s, a
+    Zen 5 at 350 for the same net), so the record keeps the rate beside the minutes."""
+    history = run / "history.json"
+    rates = [r["img_per_s"] for r in json.loads(history.read_text()) if "img_per_s" in r] if history.is_file() else []
+    return round(statistics.median(rates)) if rates else None
 
 
 def run_minutes(run: Path, status: dict, t0: float) -> float:
@@ -460,11 +470,14 @@ def report() -> str:
         n = f"{len(acc)}" if len(acc) == len(s.seeds) else f"{len(acc)} of {len(s.seeds)}"
         # the machines differ fivefold in speed: minutes say which instruction set they were run with
         isas = sorted({speed_isa(x.get("cpu", "")) or "?" for x in r["seeds"]})
+        rates = [x["train_img_s"] for x in r["seeds"] if x.get("train_img_s")]
+        rate = f", {statistics.median(rates):.0f} img/s" if rates else ""
         lines.append(f"| {s.name} | {s.adds} | {s.plan} | {n} | {_ms(acc)} | {_ms(f1)} | {delta} | {tta} | "
-                     f"{r['minutes_total'] / max(len(acc), 1):.0f} ({', '.join(isas)}) |")
+                     f"{r['minutes_total'] / max(len(acc), 1):.0f} ({', '.join(isas)}{rate}) |")
     lines += ["", "n: seeds finished (\"1 of 3\": the stage's other seeds are still to run). min/run: wall minutes of",
               "training + validation per seed, with the CPU's instruction set (avx2: fp32, about 5× slower than",
-              "the bf16 machines). ¹ estimated for the reference machine (2 cores with AMX-BF16, bf16);",
+              "the bf16 machines) and, where recorded, the median training rate (machines with the same",
+              "instruction set differ up to 3×). ¹ estimated for the reference machine (2 cores with AMX-BF16, bf16);",
               "`bench/staircase.py --plan` measures the machine it runs on."]
     return "\n".join(lines) + "\n"
 

@@ -156,3 +156,21 @@ def test_a_stage_with_some_seeds_finished_shows_them_and_says_how_many(tmp_path,
         {"seed": 0, "accuracy": 0.5952, "macro_f1": 0.5705, "minutes": 42.9, "cpu": "AMD EPYC (avx512_bf16)"}))
     row = next(ln for ln in staircase.report().splitlines() if ln.startswith("| s0_current"))
     assert "| 1 of 3 | 59.52 | 57.05 |" in row and row.endswith("| 43 (avx512_bf16) |")
+
+
+def test_the_record_keeps_the_training_rate_and_the_table_shows_it_beside_the_minutes(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    assert staircase.train_img_s(run) is None  # no history: no rate, rather than a made-up one
+    (run / "history.json").write_text(json.dumps(
+        [{"epoch": 1, "img_per_s": 150.0}, {"epoch": 2, "img_per_s": 290.4}, {"epoch": 3, "img_per_s": 300.0}]))
+    assert staircase.train_img_s(run) == 290  # median: one slow epoch (a busy machine) does not set it
+    records = tmp_path / "records"
+    monkeypatch.setattr(staircase, "RECORDS", records)
+    (records / "s0_current").mkdir(parents=True)
+    for seed, rate in [(0, 290), (1, None)]:  # a record from before the field: the table uses the others
+        (records / "s0_current" / f"seed-{seed}.json").write_text(json.dumps(
+            {"seed": seed, "accuracy": 0.59, "macro_f1": 0.57, "minutes": 43.0, "cpu": "AMD EPYC (avx512_bf16)",
+             **({"train_img_s": rate} if rate else {})}))
+    row = next(ln for ln in staircase.report().splitlines() if ln.startswith("| s0_current"))
+    assert row.endswith("| 43 (avx512_bf16, 290 img/s) |")
