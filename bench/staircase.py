@@ -269,6 +269,7 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
     run = out / r["dir"]
     m = json.loads((run / "metrics.json").read_text())
     status = json.loads((run / "run.json").read_text())
+    rows = history_rows(run)  # read once: minutes and training rate both come from it
     evals = {}
     for kind, extra in [("plain", [])] + ([("tta", ["--tta"])] if stage.tta else []):  # ms/image; ten-crop
         path = run / f"eval_{kind}.json"
@@ -282,7 +283,7 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
            "device": status.get("device"), "cpu": cpu_name(), "started": status.get("started"), "ended": status.get("ended"),
            "mb": round((run / "best.pt").stat().st_size / 2**20, 1),
            "ms_per_image": evals["plain"]["inference"]["batched_ms_per_image"],
-           "minutes": round(run_minutes(run, status, t0), 1), "train_img_s": train_img_s(run),
+           "minutes": round(run_minutes(rows, status, t0), 1), "train_img_s": train_img_s(rows),
            "command": "fer " + shlex.join(args)}
     if "tta" in evals:
         t = evals["tta"]
@@ -305,27 +306,29 @@ def run_seed(stage: Stage, seed: int, keep: bool, do_commit: bool) -> dict | Non
     return row
 
 
-def train_img_s(run: Path) -> float | None:
-    """Median training images/s over the run's epochs (history.json). Minutes alone cannot compare two
+def history_rows(run: Path) -> list[dict]:
+    """The engine's per-epoch rows (history.json), or none for a run without it."""
+    history = run / "history.json"
+    return json.loads(history.read_text()) if history.is_file() else []
+
+
+def train_img_s(rows: list[dict]) -> int | None:
+    """Median training images/s over a run's epochs (``history_rows``). Minutes alone cannot compare two
     runs: machines with the same instruction set have differed 3× in speed (an AMX VM at 120 img/s, a
     Zen 5 at 350 for the same net), so the record keeps the rate beside the minutes."""
-    history = run / "history.json"
-    rates = [r["img_per_s"] for r in json.loads(history.read_text()) if "img_per_s" in r] if history.is_file() else []
+    rates = [r["img_per_s"] for r in rows if "img_per_s" in r]
     return round(statistics.median(rates)) if rates else None
 
 
-def run_minutes(run: Path, status: dict, t0: float) -> float:
-    """Minutes a seed took: the sum of the engine's per-epoch wall time (history.json: training +
+def run_minutes(rows: list[dict], status: dict, t0: float) -> float:
+    """Minutes a seed took: the sum of the engine's per-epoch wall time (``history_rows``: training +
     validation), which counts every epoch once however often the run was interrupted and resumed;
     for runs without it, the engine's span (run.json: started → ended — a resumed run's covers only
     its last part); else this call's."""
     from datetime import datetime
 
-    history = run / "history.json"
-    if history.is_file():
-        rows = json.loads(history.read_text())
-        if rows and all("epoch_wall_seconds" in r for r in rows):
-            return sum(r["epoch_wall_seconds"] for r in rows) / 60
+    if rows and all("epoch_wall_seconds" in r for r in rows):
+        return sum(r["epoch_wall_seconds"] for r in rows) / 60
     try:
         span = datetime.fromisoformat(status["ended"]) - datetime.fromisoformat(status["started"])
         return span.total_seconds() / 60

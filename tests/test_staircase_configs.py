@@ -127,9 +127,9 @@ def test_a_resumed_seeds_minutes_count_every_epoch_once(tmp_path):
     # a run interrupted after epoch 2 and resumed: run.json's span covers only the resumed part
     (tmp_path / "history.json").write_text(json.dumps([{"epoch": e, "epoch_wall_seconds": 600.0} for e in (1, 2, 3)]))
     status = {"started": "2026-12-02T10:20:00", "ended": "2026-12-02T10:30:00"}
-    assert staircase.run_minutes(tmp_path, status, t0=0.0) == pytest.approx(30.0)
+    assert staircase.run_minutes(staircase.history_rows(tmp_path), status, t0=0.0) == pytest.approx(30.0)
     (tmp_path / "history.json").write_text(json.dumps([{"epoch": 1}]))  # a run from before the field existed
-    assert staircase.run_minutes(tmp_path, status, t0=0.0) == pytest.approx(10.0)
+    assert staircase.run_minutes(staircase.history_rows(tmp_path), status, t0=0.0) == pytest.approx(10.0)
 
 
 def test_two_machines_with_the_same_model_name_are_told_apart_by_their_instruction_set():
@@ -161,10 +161,10 @@ def test_a_stage_with_some_seeds_finished_shows_them_and_says_how_many(tmp_path,
 def test_the_record_keeps_the_training_rate_and_the_table_shows_it_beside_the_minutes(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
-    assert staircase.train_img_s(run) is None  # no history: no rate, rather than a made-up one
+    assert staircase.train_img_s(staircase.history_rows(run)) is None  # no history: no rate, rather than a made-up one
     (run / "history.json").write_text(json.dumps(
         [{"epoch": 1, "img_per_s": 150.0}, {"epoch": 2, "img_per_s": 290.4}, {"epoch": 3, "img_per_s": 300.0}]))
-    assert staircase.train_img_s(run) == 290  # median: one slow epoch (a busy machine) does not set it
+    assert staircase.train_img_s(staircase.history_rows(run)) == 290  # median: one slow epoch (a busy machine) does not set it
     records = tmp_path / "records"
     monkeypatch.setattr(staircase, "RECORDS", records)
     (records / "s0_current").mkdir(parents=True)
