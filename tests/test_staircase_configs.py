@@ -57,8 +57,11 @@ def test_the_plan_fits_the_budget():
 def test_breadth_first_runs_every_stage_once_before_any_twice():
     order = staircase.schedule(staircase.STAGES, breadth_first=True)
     names = [s.name for s, _ in order]
-    alone = [s.name for s in staircase.STAGES if not (s.members or s.teacher)]
+    alone = [s.name for s in staircase.STAGES if not (s.members or s.teacher or s.followup)]
     assert names[:len(alone)] == alone
+    # the follow-up comparisons run after the system level, which builds on the planned seeds only
+    followups = [s.name for s in staircase.STAGES if s.followup]
+    assert followups and names[-len(followups):] == followups
     assert sorted(order, key=lambda x: (x[0].name, x[1])) == sorted(
         staircase.schedule(staircase.STAGES, breadth_first=False), key=lambda x: (x[0].name, x[1]))
     assert [k for s, k in order if s.name == "s3_training"] == staircase.BY_NAME["s3_training"].seeds
