@@ -43,7 +43,10 @@ CANDIDATES = [ANCHOR, "resnet18@48", "mobilenetv3_small_050@64", "mobilenetv3_sm
               "mobilenetv3_small_100@64", "lcnet_050@64", "lcnet_075@64", "lcnet_100@64", "lcnet_075@96",
               "mnasnet_small@64", "tinynet_e@64", "ghostnet_050@64", "efficientvit_m0@64",
               "mobilenetv4_conv_small_035@64", "mobilenetv4_conv_small_050@64", "mobilenetv4_conv_small@64",
-              "resnet10t@32"]
+              "resnet10t@32",
+              # the ImageNet MobileNetV2 (../shared/weights) at deploy sizes: pretraining beat every
+              # from-scratch student on FER2013 (staircase s2b vs s4_student)
+              "mobilenetv2_100@64", "mobilenetv2_100@80", "mobilenetv2_100@96"]
 
 
 def slug(text: str) -> str:

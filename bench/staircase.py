@@ -131,6 +131,23 @@ STAGES += [
     Stage("s3b_cosine", "s3_training", "stage 3 with warmup-cosine (2 warmup epochs, to 0) instead of the "
           "plateau schedule", "follow-up, outside the ~12 CPU-h plan",
           ['schedule={ plugin = "warmup_cosine", warmup_epochs = 2 }'], tta=True, img_s=287.0, followup=True),
+    # the from-scratch MobileNetV3 student reached 57.40 %, below s2b's pretrained MobileNetV2 (67.62 %):
+    # pretraining is worth more than distillation here, so the deploy student starts from ImageNet, at
+    # 64 px (bench/deploy_candidates.py: 0.56 × ResNet-10t@48's onnxruntime time), s2b's optimiser
+    Stage("s4b_student_mnv2", "s1_data", "deploy student: ImageNet MobileNetV2 at 64 px distilled from the "
+          "ensemble (T = 4, α = 0.7), faces48 + Mixup/CutMix, EMA, AdamW cosine, 18 epochs",
+          "follow-up, outside the ~12 CPU-h plan",
+          ['model.backbone={ plugin = "torchvision", name = "mobilenet_v2", input_size = 64, '
+           'pretrained = "../shared/weights/mobilenet_v2-b0353104.pth" }',
+           'loss={ plugin = "distill", temperature = 4.0, alpha = 0.7, hard = { plugin = "label_smoothing", '
+           'smoothing = 0.05 } }',
+           f'batch_transforms=[{{ plugin = "teacher", run = "{ENSEMBLE_DIR}", cache = true }}, '
+           '{ plugin = "mix", mixup_alpha = 0.2, cutmix_alpha = 1.0, prob = 0.5, switch_prob = 0.5, '
+           'off_last_epochs = 3 }]',
+           'callbacks=[{ plugin = "ema", decay = 0.999 }]',
+           'optimizer={ plugin = "adamw", lr = 0.001, weight_decay = 0.01 }',
+           'schedule={ plugin = "cosine", min_lr = 1e-5 }', "train.epochs=18"],
+          keep=True, teacher="s4_ensemble", img_s=250.0, followup=True),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 TRAIN_IMAGES = 28_709
