@@ -455,7 +455,7 @@ def schedule(stages: list[Stage], breadth_first: bool) -> list[tuple[Stage, int]
     if not breadth_first:
         return [(s, k) for s in stages for k in s.seeds]
     # need every seed of other stages, or come after the plan: last, in the order given
-    later = [s for s in stages if s.members or s.teacher] + [s for s in stages if s.followup]
+    later = [s for s in stages if (s.members or s.teacher) and not s.followup] + [s for s in stages if s.followup]
     alone = [s for s in stages if s not in later]
     rounds = max((len(s.seeds) for s in alone), default=0)
     return [(s, s.seeds[i]) for i in range(rounds) for s in alone if i < len(s.seeds)] + \

@@ -98,6 +98,19 @@ def test_the_student_is_taught_by_the_ensemble_through_a_cached_teacher_before_t
         assert names.index("s4_student") > names.index("s4_ensemble")
 
 
+def test_the_pretrained_student_differs_from_the_first_only_in_network_and_optimiser():
+    """s4b_student_mnv2 asks whether ImageNet pretraining rescues the deploy student: the same teacher,
+    loss, data and EMA as s4_student, the network and optimiser of s2b, at 64 px."""
+    first, second, s2b = (resolved(staircase.BY_NAME[n]) for n in ("s4_student", "s4b_student_mnv2", "s2b_mobilenetv2"))
+    for key in ("batch_transforms", "loss", "callbacks", "augment", "data"):
+        assert first[key] == second[key], key
+    bb = second["model"]["backbone"]
+    assert bb["plugin"] == "torchvision" and bb["name"] == "mobilenet_v2" and bb["input_size"] == 64
+    assert bb["pretrained"] == s2b["model"]["backbone"]["pretrained"] and second["optimizer"] == s2b["optimizer"]
+    stage = staircase.BY_NAME["s4b_student_mnv2"]
+    assert stage.teacher == "s4_ensemble" and stage.keep and stage.followup
+
+
 @pytest.mark.parametrize("recipe, stage", [("fer2013_best.toml", "s3_training"),
                                            ("fer2013_best_mobilenetv2.toml", "s2b_mobilenetv2")])
 def test_the_best_recipes_are_exactly_their_stages(recipe, stage):
