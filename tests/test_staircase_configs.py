@@ -123,6 +123,19 @@ def test_the_best_recipes_are_exactly_their_stages(recipe, stage):
     assert ours == theirs
 
 
+def test_the_deploy_recipe_is_the_pretrained_student_stage():
+    """The shipped model's recipe reproduces s4b_student_mnv2; only the teacher's path differs (the
+    stage's is the ensemble it rebuilds in bench/out, the recipe's the one fer2013_best_ensemble.toml's
+    commands write)."""
+    ours = load(REPO / "recipes" / "fer2013_deploy.toml")[1]
+    theirs = resolved(staircase.BY_NAME["s4b_student_mnv2"])
+    assert ours["batch_transforms"][0]["run"] == "runs/best_ensemble"
+    assert theirs["batch_transforms"][0]["run"] == staircase.ENSEMBLE_DIR
+    for r in (ours, theirs):
+        r.pop("name"), r.pop("description"), r["batch_transforms"][0].pop("run")
+    assert ours == theirs
+
+
 def test_the_best_ensemble_recipe_has_the_stage_members_in_order():
     import tomllib
 
