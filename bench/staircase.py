@@ -149,6 +149,15 @@ STAGES += [
            'schedule={ plugin = "cosine", min_lr = 1e-5 }', "train.epochs=18"],
           keep=True, teacher="s4_ensemble", img_s=250.0, followup=True),
 ]
+STAGES += [
+    # stage 3's training techniques were measured on ResNet-18@64 (s2a) because 50 epochs of s2b are
+    # ~3.3 h here; they are owed on the best stage-2 network: s2b's recipe (AdamW, cosine) plus label
+    # smoothing, EMA and ten-crop TTA, 25 epochs instead of 15 (s2b was still rising at 15)
+    Stage("s3c_mnv2_training", "s2b_mobilenetv2", "stage 3's training level on s2b's MobileNetV2@96: label "
+          "smoothing 0.1, model EMA, 25 epochs (cosine), ten-crop TTA", "follow-up, outside the ~12 CPU-h plan",
+          ['loss={ plugin = "label_smoothing", smoothing = 0.1 }', 'callbacks=[{ plugin = "ema", decay = 0.999 }]',
+           "train.epochs=25", TEN_CROP], tta=True, keep=True, img_s=140.0, followup=True),
+]
 BY_NAME = {s.name: s for s in STAGES}
 TRAIN_IMAGES = 28_709
 
