@@ -168,7 +168,11 @@ def overrides(stage: Stage) -> list[str]:
     while s is not None:
         chain.append(s)
         s = BY_NAME[s.parent] if s.parent else None
-    return [o for s in reversed(chain) for o in s.overrides] + [f"name={json.dumps('staircase_' + stage.name)}"]
+    # the description travels into every packed recipe.toml (a shipped model's card reads it), so it names
+    # this stage, not stage 0's recipe file; both keys are ones a resumed run may change (fer_core.runner)
+    about = f"FER2013, staircase stage {stage.name}: {stage.adds}"
+    return [o for s in reversed(chain) for o in s.overrides] + [f"name={json.dumps('staircase_' + stage.name)}",
+                                                                 f"description={json.dumps(about)}"]
 
 
 def epochs(stage: Stage) -> int:

@@ -32,6 +32,7 @@ TRAINED = [s for s in staircase.STAGES if not s.members]
 def test_every_stage_is_a_valid_recipe(stage):
     r = resolved(stage)
     assert r["name"] == f"staircase_{stage.name}"
+    assert r["description"] == f"FER2013, staircase stage {stage.name}: {stage.adds}"  # packed recipes say which
     assert r["data"]["root"] == "../shared/data/fer2013" and r["train"]["epochs"] == staircase.epochs(stage)
 
 
@@ -210,5 +211,16 @@ def test_the_schedule_comparison_is_stage_3_with_only_the_schedule_swapped():
     s3, s3b = (resolved(staircase.BY_NAME[n]) for n in ("s3_training", "s3b_cosine"))
     assert s3["schedule"]["plugin"] == "plateau"
     assert s3b["schedule"]["plugin"] == "warmup_cosine" and s3b["schedule"]["warmup_epochs"] == 2
-    assert {k: v for k, v in s3b.items() if k not in ("schedule", "name")} == \
-        {k: v for k, v in s3.items() if k not in ("schedule", "name")}
+    assert {k: v for k, v in s3b.items() if k not in ("schedule", "name", "description")} == \
+        {k: v for k, v in s3.items() if k not in ("schedule", "name", "description")}
+
+
+def test_stage_3_on_the_mobilenet_adds_only_stage_3s_training_level_to_s2b():
+    """s3c_mnv2_training answers whether stage 3's techniques lift the best stage-2 network: s2b's
+    network, data and optimiser unchanged; label smoothing, EMA, more epochs and ten-crop TTA added."""
+    s2b, s3, s3c = (resolved(staircase.BY_NAME[n]) for n in ("s2b_mobilenetv2", "s3_training", "s3c_mnv2_training"))
+    changed = {"loss", "callbacks", "tta", "train", "name", "description"}
+    assert {k: v for k, v in s3c.items() if k not in changed} == {k: v for k, v in s2b.items() if k not in changed}
+    assert (s3c["loss"], s3c["callbacks"], s3c["tta"]) == (s3["loss"], s3["callbacks"], s3["tta"])
+    assert s3c["train"] == s2b["train"] | {"epochs": 25}
+    assert staircase.BY_NAME["s3c_mnv2_training"].tta and staircase.BY_NAME["s3c_mnv2_training"].keep
