@@ -224,3 +224,13 @@ def test_stage_3_on_the_mobilenet_adds_only_stage_3s_training_level_to_s2b():
     assert (s3c["loss"], s3c["callbacks"], s3c["tta"]) == (s3["loss"], s3["callbacks"], s3["tta"])
     assert s3c["train"] == s2b["train"] | {"epochs": 25}
     assert staircase.BY_NAME["s3c_mnv2_training"].tta and staircase.BY_NAME["s3c_mnv2_training"].keep
+
+
+def test_each_ensemble_stage_builds_its_own_artifact_and_the_students_teacher_stays_the_first():
+    ensembles = [s for s in staircase.STAGES if s.members]
+    assert len(ensembles) >= 2
+    dirs = [staircase.ensemble_dir(s) for s in ensembles]
+    assert len(set(dirs)) == len(dirs)
+    assert staircase.ensemble_dir(staircase.BY_NAME["s4_ensemble"]) == REPO / staircase.ENSEMBLE_DIR
+    later = staircase.BY_NAME["s4c_ensemble"]
+    assert set(staircase.BY_NAME["s4_ensemble"].members) < set(later.members) and later.followup
