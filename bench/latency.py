@@ -246,14 +246,32 @@ def fer_cli(args: list[str]) -> str:
     return done.stdout
 
 
+def weights_fingerprint(model: str) -> str:
+    """sha256 over the weight files of a model directory: `default` names whatever is shipped now, so
+    the cached export is keyed by what it was exported from, not by the model's name (a swapped
+    default was once timed through the previous model's ONNX file)."""
+    import hashlib
+
+    root = REPO / "plugins" / "fer_plugins" / "models" / "default" if model == "default" else Path(model)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".pt", ".json") and p.is_file()):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def onnx_file(model: str, int8: bool) -> Path:
-    """The model exported by `fer export` (parity-checked; int8 calibrated on train faces), once."""
+    """The model exported by `fer export` (parity-checked; int8 calibrated on train faces), once per
+    set of weights."""
     name = model_slug(model)
     out = MODEL_OUT / f"{name}{'.int8' if int8 else ''}.onnx"
-    if not out.is_file():
+    stamp = MODEL_OUT / f"{out.name}.source"
+    source = weights_fingerprint(model)
+    if not out.is_file() or not stamp.is_file() or stamp.read_text() != source:
         MODEL_OUT.mkdir(parents=True, exist_ok=True)
+        out.unlink(missing_ok=True)  # fer export refuses to overwrite
         printed = fer_cli(["export", model, "--out", str(out), *(["--int8"] if int8 else [])])
         (MODEL_OUT / f"{out.name}.export.txt").write_text(printed)
+        stamp.write_text(source)
     return out
 
 
