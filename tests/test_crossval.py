@@ -315,3 +315,17 @@ def test_summary_helpers():
     for bad in ("0,x", "", "1,1"):
         with pytest.raises(FerError, match="--seeds"):
             parse_seeds(bad)
+
+
+def test_a_repeat_directory_continues_under_a_new_description_but_not_under_a_new_setting(tmp_path):
+    from fer_plugins.crossval import _same_plan
+
+    path = tmp_path / "repeat_recipe.toml"
+    plan = {"name": "r", "description": "first label", "train": {"epochs": 3}}
+    _same_plan(path, plan, "seed repeat")
+    saved = path.read_text()
+    _same_plan(path, {**plan, "description": "a better label"}, "seed repeat")
+    assert path.read_text() == saved
+    with pytest.raises(FerError, match="holds a seed repeat of another recipe"):
+        _same_plan(path, {**plan, "train": {"epochs": 4}}, "seed repeat")
+    assert path.read_text() == saved

@@ -158,10 +158,15 @@ def _stamp_dir(name: str, what: str) -> Path:
 
 
 def _same_plan(path: Path, plan: dict[str, Any], what: str) -> None:
-    """A second launch into the same directory continues it only with the same recipe."""
+    """A second launch into the same directory continues it only with the same recipe. The
+    description is a label, not a setting (a resumed run may change it too: fer_core.runner), so a
+    relabelled recipe continues its directory; the saved plan is left as it was written."""
     text = dump_toml(plan)
     if path.is_file():
-        if read_toml(path) != tomllib.loads(text):
+        def setting(d: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in d.items() if k != "description"}
+
+        if setting(read_toml(path)) != setting(tomllib.loads(text)):
             raise FerError(f"{path.parent}: holds a {what} of another recipe or other options (see {path}); "
                            "continue it with the same command, or choose another --out")
     else:
