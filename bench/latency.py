@@ -268,7 +268,7 @@ def onnx_file(model: str, int8: bool) -> Path:
     source = weights_fingerprint(model)
     if not out.is_file() or not stamp.is_file() or stamp.read_text() != source:
         MODEL_OUT.mkdir(parents=True, exist_ok=True)
-        out.unlink(missing_ok=True)  # fer export refuses to overwrite
+        out.unlink(missing_ok=True)  # a failed export must not leave the old file to be timed as the new
         printed = fer_cli(["export", model, "--out", str(out), *(["--int8"] if int8 else [])])
         (MODEL_OUT / f"{out.name}.export.txt").write_text(printed)
         stamp.write_text(source)
