@@ -252,7 +252,9 @@ def weights_fingerprint(model: str) -> str:
     default was once timed through the previous model's ONNX file)."""
     import hashlib
 
-    root = REPO / "plugins" / "fer_plugins" / "models" / "default" if model == "default" else Path(model)
+    from fer_core.api import shipped_model
+
+    root = shipped_model(model) or Path(model)
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.suffix in (".safetensors", ".pt", ".json") and p.is_file()):
         h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
