@@ -238,3 +238,12 @@ def test_each_ensemble_stage_builds_its_own_artifact_and_the_students_teacher_st
     # measured with s3c's seed 0 only: its later seeds do not change what the record describes
     dirs = [d.relative_to(staircase.RECORDS).as_posix() for d in staircase.member_dirs(later) or []]
     assert dirs[-1] == "s3c_mnv2_training/seed-0" and len(dirs) == 5
+
+
+def test_the_longer_mobilenet_run_changes_only_the_number_of_epochs():
+    """s3d_mnv2_40ep answers whether s3c was still short of training: nothing but its length differs."""
+    s3c, s3d = (resolved(staircase.BY_NAME[n]) for n in ("s3c_mnv2_training", "s3d_mnv2_40ep"))
+    assert {k: v for k, v in s3d.items() if k not in ("train", "name", "description")} == \
+        {k: v for k, v in s3c.items() if k not in ("train", "name", "description")}
+    assert s3d["train"] == s3c["train"] | {"epochs": 40}
+    assert staircase.epochs(staircase.BY_NAME["s3d_mnv2_40ep"]) == 40
