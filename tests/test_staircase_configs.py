@@ -114,7 +114,7 @@ def test_the_pretrained_student_differs_from_the_first_only_in_network_and_optim
 
 @pytest.mark.parametrize("recipe, stage", [("fer2013_best.toml", "s3_training"),
                                            ("fer2013_best_mobilenetv2.toml", "s2b_mobilenetv2"),
-                                           ("fer2013_default.toml", "s3c_mnv2_training")])
+                                           ("fer2013_default.toml", "s3d_mnv2_40ep")])
 def test_the_best_recipes_are_exactly_their_stages(recipe, stage):
     """`fer run recipes/fer2013_best.toml` must reproduce the stage's figures: the same resolved
     recipe, apart from its name and description."""
