@@ -177,6 +177,13 @@ STAGES += [
           "follow-up, outside the ~12 CPU-h plan", ["train.epochs=40"], seeds=[0, 1], tta=True, keep=True,
           img_s=190.0, followup=True),
 ]
+STAGES += [
+    # s4c again with s3d, the best single model, as a sixth member: does the stronger member lift it?
+    Stage("s4d_ensemble", "s4c_ensemble", "s4c_ensemble + s3d's MobileNetV2 (40 epochs) as a sixth member "
+          "(weights fitted on val NLL); no training", "follow-up, outside the ~12 CPU-h plan",
+          members=["s3_training", "s2b_mobilenetv2", "s3c_mnv2_training", "s3d_mnv2_40ep"],
+          member_seeds={"s3c_mnv2_training": [0], "s3d_mnv2_40ep": [0]}, followup=True),
+]
 BY_NAME = {s.name: s for s in STAGES}
 TRAIN_IMAGES = 28_709
 

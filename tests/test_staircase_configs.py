@@ -247,3 +247,10 @@ def test_the_longer_mobilenet_run_changes_only_the_number_of_epochs():
         {k: v for k, v in s3c.items() if k not in ("train", "name", "description")}
     assert s3d["train"] == s3c["train"] | {"epochs": 40}
     assert staircase.epochs(staircase.BY_NAME["s3d_mnv2_40ep"]) == 40
+
+
+def test_the_sixth_member_ensemble_adds_only_s3ds_first_seed_to_s4c():
+    s4c, s4d = staircase.BY_NAME["s4c_ensemble"], staircase.BY_NAME["s4d_ensemble"]
+    before, after = staircase.member_dirs(s4c) or [], staircase.member_dirs(s4d) or []
+    assert after[:-1] == before and after[-1].relative_to(staircase.RECORDS).as_posix() == "s3d_mnv2_40ep/seed-0"
+    assert staircase.ensemble_dir(s4d) != staircase.ensemble_dir(s4c)
