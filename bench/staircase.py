@@ -172,7 +172,7 @@ STAGES += [
 STAGES += [
     # s3c's best epochs were its last (25 and 24 of 25; +0.08 in the last): is it still short of training?
     # The same recipe with only the length changed (the cosine stretches with it), seed 0 first, paired
-    # with s3c's seed 0; ~105 min here, so it fits a session beside nothing else
+    # with s3c's seed 0; 96 min here (seed 0), so a seed fits a session beside nothing else
     Stage("s3d_mnv2_40ep", "s3c_mnv2_training", "s3c trained 40 epochs instead of 25 (cosine over all 40)",
           "follow-up, outside the ~12 CPU-h plan", ["train.epochs=40"], seeds=[0, 1], tta=True, keep=True,
           img_s=190.0, followup=True),
