@@ -46,7 +46,10 @@ CANDIDATES = [ANCHOR, "resnet18@48", "mobilenetv3_small_050@64", "mobilenetv3_sm
               "resnet10t@32",
               # the ImageNet MobileNetV2 (../shared/weights) at deploy sizes: pretraining beat every
               # from-scratch student on FER2013 (staircase s2b vs s4_student)
-              "mobilenetv2_100@64", "mobilenetv2_100@80", "mobilenetv2_100@96"]
+              "mobilenetv2_100@64", "mobilenetv2_100@80", "mobilenetv2_100@96",
+              # at FER2013's own 48 px and just above it: the only pretrained sizes that may beat the
+              # `fer` package's mini-Xception per face here (0.257 ms, bench/fer_package.py)
+              "mobilenetv2_100@48", "mobilenetv2_100@56"]
 
 
 def slug(text: str) -> str:

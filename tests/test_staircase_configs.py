@@ -254,3 +254,30 @@ def test_the_sixth_member_ensemble_adds_only_s3ds_first_seed_to_s4c():
     before, after = staircase.member_dirs(s4c) or [], staircase.member_dirs(s4d) or []
     assert after[:-1] == before and after[-1].relative_to(staircase.RECORDS).as_posix() == "s3d_mnv2_40ep/seed-0"
     assert staircase.ensemble_dir(s4d) != staircase.ensemble_dir(s4c)
+
+
+def test_the_distilled_deploy_student_is_s3d_plus_only_the_teacher():
+    """s4e_student_s3d is paired with s3d: the same network, data, optimiser, schedule, EMA, length and mix;
+    only the loss becomes distillation (its hard part s3d's loss) and the cached s4d teacher comes first."""
+    s3d, s4e = (resolved(staircase.BY_NAME[n]) for n in ("s3d_mnv2_40ep", "s4e_student_s3d"))
+    assert s4e["loss"]["plugin"] == "distill" and s4e["loss"]["hard"] == s3d["loss"]
+    assert s4e["batch_transforms"][1:] == s3d["batch_transforms"]
+    teacher = s4e["batch_transforms"][0]
+    stage = staircase.BY_NAME["s4e_student_s3d"]
+    assert teacher["plugin"] == "teacher" and teacher["cache"] is True
+    assert teacher["run"] == str(staircase.ensemble_dir(staircase.BY_NAME[stage.teacher]).relative_to(staircase.REPO))
+    for r in (s3d, s4e):
+        for key in ("name", "description", "loss", "batch_transforms"):
+            r.pop(key)
+    assert s3d == s4e
+    assert stage.teacher == "s4d_ensemble" and stage.keep and stage.followup and stage.tta
+
+
+def test_the_fast_deploy_candidate_is_s3d_at_48_px():
+    s3d, s3e = (resolved(staircase.BY_NAME[n]) for n in ("s3d_mnv2_40ep", "s3e_mnv2_48"))
+    assert s3e["model"]["backbone"]["input_size"] == 48 and s3d["model"]["backbone"]["input_size"] == 96
+    for r in (s3d, s3e):
+        for key in ("name", "description"):
+            r.pop(key)
+        r["model"]["backbone"].pop("input_size")
+    assert s3d == s3e
