@@ -112,9 +112,9 @@ def test_the_pretrained_student_differs_from_the_first_only_in_network_and_optim
     assert stage.teacher == "s4_ensemble" and stage.keep and stage.followup
 
 
-@pytest.mark.parametrize("recipe, stage", [("fer2013_best.toml", "s3_training"),
-                                           ("fer2013_best_mobilenetv2.toml", "s2b_mobilenetv2"),
-                                           ("fer2013_default.toml", "s3d_mnv2_40ep")])
+@pytest.mark.parametrize("recipe, stage", [("fer2013_best.toml", "s3d_mnv2_40ep"),
+                                           ("fer2013_resnet18_scratch.toml", "s3_training"),
+                                           ("fer2013_best_mobilenetv2.toml", "s2b_mobilenetv2")])
 def test_the_best_recipes_are_exactly_their_stages(recipe, stage):
     """`fer run recipes/fer2013_best.toml` must reproduce the stage's figures: the same resolved
     recipe, apart from its name and description."""
@@ -131,22 +131,39 @@ def test_the_deploy_recipe_is_the_pretrained_student_stage():
     commands write)."""
     ours = load(REPO / "recipes" / "fer2013_deploy.toml")[1]
     theirs = resolved(staircase.BY_NAME["s4b_student_mnv2"])
-    assert ours["batch_transforms"][0]["run"] == "runs/best_ensemble"
+    assert ours["batch_transforms"][0]["run"] == "runs/ensemble4"
     assert theirs["batch_transforms"][0]["run"] == staircase.ENSEMBLE_DIR
     for r in (ours, theirs):
         r.pop("name"), r.pop("description"), r["batch_transforms"][0].pop("run")
     assert ours == theirs
 
 
-def test_the_best_ensemble_recipe_has_the_stage_members_in_order():
+def test_the_best_ensemble_recipe_is_the_best_ensemble_stage_with_its_members_in_order():
+    """fer2013_best_ensemble.toml combines what s4d_ensemble combines, each member trained by the shipped
+    recipe its comment names: the from-scratch seeds, the 15-epoch MobileNetV2, the best single model at
+    25 epochs (s3c = s3d with only the length changed) and at 40; its first four members are s4_ensemble,
+    the deploy recipe's teacher."""
     import tomllib
 
     raw = tomllib.loads((REPO / "recipes" / "fer2013_best_ensemble.toml").read_text())
-    ens = staircase.BY_NAME["s4_ensemble"]
-    expected = [f"runs/best/seed-{k}" for k in staircase.BY_NAME["s3_training"].seeds] + ["runs/best_mobilenetv2"]
-    assert ens.members == ["s3_training", "s2b_mobilenetv2"] and raw["members"] == expected
+    ens = staircase.BY_NAME["s4d_ensemble"]
+    seeds = {m: ens.member_seeds.get(m, staircase.BY_NAME[m].seeds) for m in ens.members}
+    assert ens.members == ["s3_training", "s2b_mobilenetv2", "s3c_mnv2_training", "s3d_mnv2_40ep"]
+    assert seeds == {"s3_training": [0, 1, 2], "s2b_mobilenetv2": [0], "s3c_mnv2_training": [0],
+                     "s3d_mnv2_40ep": [0]}
+    expected = ([f"runs/scratch/seed-{k}" for k in seeds["s3_training"]]
+                + ["runs/best_mobilenetv2", "runs/best_25ep", "runs/best"])
+    assert raw["members"] == expected
+    assert staircase.BY_NAME["s4_ensemble"].members == ens.members[:2]  # its four: the first four here
     stage = tomllib.loads(staircase.ensemble_recipe(ens, [REPO / m for m in expected]))
     assert {k: v for k, v in raw.items() if k != "name"} == {k: v for k, v in stage.items() if k != "name"}
+    comment = (REPO / "recipes" / "fer2013_best_ensemble.toml").read_text()
+    assert "fer run recipes/fer2013_best.toml -o train.epochs=25 --out runs/best_25ep" in comment
+    s3c = resolved(staircase.BY_NAME["s3c_mnv2_training"])
+    best = load(REPO / "recipes" / "fer2013_best.toml", ["train.epochs=25"])[1]
+    for r in (s3c, best):
+        r.pop("name"), r.pop("description")
+    assert best == s3c
 
 
 def test_stages_given_by_name_run_in_the_order_given():
