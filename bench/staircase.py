@@ -242,7 +242,22 @@ def estimate_minutes(stage: Stage, img_s: float | None = None) -> float:
     a few minutes of evaluation."""
     if stage.members:
         return 5.0
-    return epochs(stage) * TRAIN_IMAGES / (img_s or stage.img_s) / 60 * 1.08
+    return epochs(stage) * TRAIN_IMAGES / (img_s or stage.img_s) / 60 * 1.08 + teacher_minutes(stage)
+
+
+#: a teacher's ms/image when its ensemble has no record yet (s4d's six members measured 8.5)
+TEACHER_MS_GUESS = 10.0
+
+
+def teacher_minutes(stage: Stage) -> float:
+    """A distilled stage first rebuilds its teacher (the record's minutes) and caches its logits over
+    the training images once, at the ensemble's measured ms/image: s4e's 1 + 5.5 minutes here, which
+    an estimate of training alone left out (it admitted a student that would end ~10 minutes late)."""
+    if not stage.teacher:
+        return 0.0
+    rec = RECORDS / stage.teacher / "seed-0.json"
+    r = json.loads(rec.read_text()) if rec.is_file() else {}
+    return r.get("minutes", 5.0) + r.get("ms_per_image", TEACHER_MS_GUESS) * TRAIN_IMAGES / 60_000
 
 
 def machine_img_s(stage: Stage, steps: int = 6, batch: int = 64) -> tuple[float, str]:

@@ -55,6 +55,20 @@ def test_the_plan_fits_the_budget():
     assert max(staircase.estimate_minutes(s) for s in staircase.STAGES) <= 180
 
 
+def test_a_distilled_stage_is_estimated_with_its_teacher_pass():
+    """s4e's estimate of training alone admitted it ~10 minutes too late: the teacher's rebuild and its
+    one pass over the training images (at the teacher record's ms/image) are counted too."""
+    student = staircase.BY_NAME["s4e_student_s3d"]
+    rec = json.loads((staircase.RECORDS / student.teacher / "seed-0.json").read_text())
+    training = staircase.epochs(student) * staircase.TRAIN_IMAGES / 100.0 / 60 * 1.08
+    extra = staircase.estimate_minutes(student, 100.0) - training
+    assert extra == pytest.approx(rec["minutes"] + rec["ms_per_image"] * staircase.TRAIN_IMAGES / 60_000)
+    assert extra > 3  # s4d's six members: 8.5 ms/image over 28,709 faces, ~4 minutes, plus the rebuild
+    undistilled = staircase.BY_NAME["s3d_mnv2_40ep"]
+    assert staircase.estimate_minutes(undistilled, 100.0) == pytest.approx(
+        staircase.epochs(undistilled) * staircase.TRAIN_IMAGES / 100.0 / 60 * 1.08)
+
+
 def test_breadth_first_runs_every_stage_once_before_any_twice():
     order = staircase.schedule(staircase.STAGES, breadth_first=True)
     names = [s.name for s, _ in order]
